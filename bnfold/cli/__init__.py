@@ -1,0 +1,69 @@
+"""The `bnfold` command line: a thin click group whose subcommands live one per module.
+
+Errors are converted once, here: a `BnfoldError` or a click usage error becomes one line
+``bnfold: error: ...`` on stderr and exit code 2; a `VerificationError` exits 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from bnfold.errors import BnfoldError, VerificationError
+
+__all__ = ["main", "cli"]
+
+# Subcommand name -> module under bnfold.cli exposing a click command called `command`.
+# Imported lazily so that e.g. `convert --no-verify` never imports onnxruntime.
+_COMMANDS = {
+    "train": "train",
+    "export": "export",
+    "convert": "convert",
+    "verify": "verify",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        return importlib.import_module(f"bnfold.cli.{module}").command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnfold", prog_name="bnfold")
+def cli() -> None:
+    """Batch normalization done right, and exact BN folding for ONNX models."""
+
+
+def _fail(message: str, code: int) -> None:
+    first = " ".join(str(message).split()) or "unknown error"
+    click.echo(f"bnfold: error: {first}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI with one-line errors and bnfold's exit codes."""
+    try:
+        code = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 2)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), 2)
+    except VerificationError as exc:
+        _fail(str(exc), 1)
+    except BnfoldError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 2)
+    except MemoryError:
+        _fail("out of memory", 2)
+    sys.exit(code if isinstance(code, int) else 0)
