@@ -228,6 +228,10 @@ class BatchNorm:
 
     # ----------------------------------------------------------------- parameters and state
     def _assign(self, name: str, target: np.ndarray, value: Any) -> None:
+        target[...] = self._validated(name, value)
+
+    def _validated(self, name: str, value: Any) -> np.ndarray:
+        """``value`` as a float64 array of shape (C,), finite, or a `BatchNormError`."""
         array = np.asarray(value)
         if array.shape != (self.num_features,):
             raise BatchNormError(
@@ -238,7 +242,7 @@ class BatchNorm:
         array = array.astype(np.float64)
         if not np.isfinite(array).all():
             raise BatchNormError(f"BatchNorm: {name} contains NaN or inf")
-        target[...] = array
+        return array
 
     @property
     def gamma(self) -> np.ndarray:
@@ -274,12 +278,12 @@ class BatchNorm:
 
     @moving_var.setter
     def moving_var(self, value: Any) -> None:
-        array = np.asarray(value)
-        if array.shape == (self.num_features,) and np.any(array < 0):
+        array = self._validated("moving_var", value)
+        if np.any(array < 0):
             raise BatchNormError(
                 f"BatchNorm: moving_var must be >= 0, got {float(np.min(array))!r}"
             )
-        self._assign("moving_var", self._moving_var, value)
+        self._moving_var[...] = array
 
     @property
     def dgamma(self) -> np.ndarray | None:
@@ -338,7 +342,7 @@ class BatchNorm:
             index = tuple(int(i) for i in np.argwhere(bad)[0])
             raise BatchNormError(
                 f"BatchNorm: {what} contains {np.count_nonzero(bad)} NaN/inf value(s), "
-                f"first {x[index]!r} at index {index}"
+                f"first {float(x[index])!r} at index {index}"
             )
         raise BatchNormError(
             f"BatchNorm: batch statistics of {what} overflow {x.dtype} (max |value| "
@@ -392,9 +396,10 @@ class BatchNorm:
             )
         dtype = z.dtype
         shape = _vector_shape(z)
-        mean = _channel_sum(z) / dtype.type(m)
-        x_hat = np.subtract(z, mean.reshape(shape))  # x - mean, normalized in place below
-        var = _channel_dot(x_hat, x_hat) / dtype.type(m)
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite stats are checked below
+            mean = _channel_sum(z) / dtype.type(m)
+            x_hat = np.subtract(z, mean.reshape(shape))  # x - mean, normalized in place below
+            var = _channel_dot(x_hat, x_hat) / dtype.type(m)
         if not (np.isfinite(mean).all() and np.isfinite(var).all()):
             self._raise_non_finite(np.asarray(x), "input")
         inv_std = 1.0 / np.sqrt(var + dtype.type(self.eps))
@@ -462,8 +467,9 @@ class BatchNorm:
         g = g.astype(dtype, copy=False)
         m = x_hat.size // self.num_features
         shape = _vector_shape(x_hat)
-        dbeta = _channel_sum(g)
-        dgamma = _channel_dot(g, x_hat)
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums are checked below
+            dbeta = _channel_sum(g)
+            dgamma = _channel_dot(g, x_hat)
         if not (np.isfinite(dbeta).all() and np.isfinite(dgamma).all()):
             self._raise_non_finite(np.asarray(dy), "dy")
         gamma = self._gamma.astype(dtype) if self.scale else np.ones_like(inv_std)
