@@ -169,8 +169,8 @@ class VerifyReport:
         """One line: the verdict and the worst output."""
         if self.ok:
             return f"equivalent (max abs error {self.max_abs:.3g} over {len(self.outputs)} outputs)"
-        worst = self.failed()[0]
-        return f"not equivalent: {worst.line()}"
+        failed = self.failed()
+        return f"{len(failed)} of {len(self.outputs)} outputs differ; {failed[0].line()}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (floats that are inf/NaN become strings)."""

@@ -1,0 +1,275 @@
+"""`bnfold convert IN -o OUT`: fold BatchNormalization into neighbouring linear ops, verify, write.
+
+The pipeline: load (`bnfold.io.load_model`), fold (`bnfold.fold.fold`), verify against the input
+in onnxruntime (`bnfold.verify.verify`, unless ``--no-verify``), write OUT atomically. OUT is
+written only after verification passed, so a failed run never leaves OUT behind and never
+touches an existing OUT. When verification fails, the folds responsible are found by bisection
+(`bnfold.verify.find_culprits`, re-folding with ``exclude=``) and named; with
+``--keep-failing-unfolded`` the model is written with just those BNs left unfolded (verified).
+
+Models whose tensors were stored as external data, or that exceed protobuf's 2 GB limit, are
+written with every tensor over 1 KB in ``OUT.data`` beside OUT.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import onnx
+
+from bnfold.cli.verify import verification_options, verify_kwargs, write_json
+from bnfold.errors import BnfoldError, VerificationError
+
+__all__ = ["command"]
+
+# Protobuf refuses to serialize messages of 2 GiB or more; leave headroom for the graph itself.
+_PROTOBUF_LIMIT = 2**31 - 2**24
+_EXTERNAL_THRESHOLD = 1024
+
+
+def _count_nodes(graph: onnx.GraphProto) -> int:
+    count = 0
+    for node in graph.node:
+        count += 1
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                count += _count_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                count += sum(_count_nodes(sub) for sub in attribute.graphs)
+    return count
+
+
+def _external_files(path: Path) -> list[Path]:
+    """Files holding the external data of the model at ``path`` (already validated by load_model)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    proto = onnx.load_model(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    return [path.resolve().parent / location for location in sorted(locations)]
+
+
+def _disk_size(path: Path, extra: list[Path]) -> int:
+    return path.stat().st_size + sum(item.stat().st_size for item in extra if item.is_file())
+
+
+def _data_path(out: Path) -> Path:
+    return out.with_name(out.name + ".data")
+
+
+def _check(model_or_path: onnx.ModelProto | str, out: Path) -> None:
+    try:
+        onnx.checker.check_model(model_or_path, full_check=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BnfoldError(f"{out}: not written: the folded model fails onnx.checker: {first}") from None
+
+
+def _write_external(model: onnx.ModelProto, out: Path, check: bool) -> None:
+    """Write OUT and OUT.data through a temporary folder beside OUT, data first, then the model."""
+    parent = out.resolve().parent
+    data = _data_path(out)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as folder:
+            tmp_model = Path(folder) / out.name
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=_EXTERNAL_THRESHOLD)
+            if check:
+                _check(str(tmp_model), out)
+            os.replace(Path(folder) / data.name, parent / data.name)
+            os.replace(tmp_model, out)
+    except OSError as exc:
+        raise BnfoldError(f"{out}: could not be written ({exc.strerror or exc})") from None
+
+
+def _write(model: onnx.ModelProto, out: Path, *, external: bool, check: bool) -> None:
+    from bnfold.io import save_model
+
+    if external:
+        _write_external(model, out, check)
+        return
+    if check:
+        _check(model, out)
+    save_model(model, out)
+
+
+def _check_paths(input_path: Path, out: Path, *, force: bool, in_place: bool, json_path: str | None) -> None:
+    from bnfold.io import check_output_path
+
+    same = out.resolve() == input_path.resolve() or (
+        out.exists() and input_path.exists() and os.path.samefile(out, input_path))
+    if same and not in_place:
+        raise BnfoldError(f"{out}: output is the same file as the input; use --in-place to allow it")
+    check_output_path(out, overwrite=force or same, inputs=() if same else (input_path,))
+    if json_path is not None and Path(json_path).resolve() in (out.resolve(), input_path.resolve()):
+        raise BnfoldError(f"{json_path}: the JSON report path equals the input or the output model")
+
+
+def _fold(model: onnx.ModelProto, options: dict[str, Any], exclude: frozenset[str] = frozenset()):
+    # Looked up at call time so that the fold pass is one module attribute (tests can wrap it).
+    fold_module = importlib.import_module("bnfold.fold")
+    return fold_module.fold(model, exclude=exclude, **options)
+
+
+def _localize(model: onnx.ModelProto, report: Any, fold_options: dict[str, Any],
+              verify_options: dict[str, Any]) -> list[str] | None:
+    """Names of the BN folds that make verification fail, or None if they cannot be told apart."""
+    from bnfold.verify import find_culprits, verify
+
+    changed = [entry.bn for entry in report.entries if entry.status != "kept"]
+    if not changed or len(set(changed)) != len(changed) or not all(changed):
+        return None
+
+    def fails(subset: frozenset[str]) -> bool:
+        candidate, _ = _fold(model, fold_options, frozenset(changed) - subset)
+        return not verify(model, candidate, **verify_options).ok
+
+    return find_culprits(changed, fails) or None
+
+
+def _describe(report: Any, names: list[str]) -> str:
+    into = {entry.bn: entry.into for entry in report.entries}
+    return ", ".join(f"'{name}'" + (f" (into '{into[name]}')" if into.get(name) else "") for name in names)
+
+
+def _human(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024**2:
+        return f"{size / 1024:.1f} KiB"
+    if size < 1024**3:
+        return f"{size / 1024**2:.1f} MiB"
+    return f"{size / 1024**3:.2f} GiB"
+
+
+def _summary_lines(result: dict[str, Any], report: Any) -> list[str]:
+    lines = [f"{result['input']} -> {result['output']}"]
+    line = f"BN folded {report.folded} of {report.total}"
+    if report.decomposed:
+        line += f" ({report.decomposed} decomposed into Mul + Add)"
+    lines.append(line)
+    lines += [entry.line() for entry in report.entries if entry.status == "kept"]
+    lines += [f"note: {note}" for note in report.notes]
+    if report.subnormals_flushed:
+        lines.append(f"note: {report.subnormals_flushed} subnormal folded values flushed to zero")
+    if result.get("kept_unfolded"):
+        lines.append(f"kept unfolded after failed verification: {', '.join(result['kept_unfolded'])}")
+    nodes, size = result["nodes"], result["size_bytes"]
+    lines.append(f"nodes {nodes['before']} -> {nodes['after']}, file size {_human(size['before'])} -> {_human(size['after'])}")
+    verification = result["verification"]
+    if verification is None:
+        lines.append("verification skipped (--no-verify)")
+    else:
+        lines.append(f"max abs error {result['max_abs_error']:.3g} (onnxruntime, graph optimizations disabled): "
+                     + ("equivalent" if verification["ok"] else "NOT equivalent"))
+    lines.append(f"time {result['timing_s']['total']:.2f} s")
+    return lines
+
+
+@click.command()
+@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "output_path", type=click.Path(), default=None,
+              help="Where to write the folded model (required unless --in-place).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--in-place", is_flag=True, help="Allow OUT to be IN (replaced atomically after verification).")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check (onnxruntime is then not even imported).")
+@verification_options
+@click.option("--check", is_flag=True, help="Run onnx.checker.check_model(full_check=True) on OUT before writing it.")
+@click.option("--decompose-rest", is_flag=True, help="Rewrite BNs that cannot be folded as one Mul + Add by constants.")
+@click.option("--keep-initializer-inputs", is_flag=True,
+              help="Leave BNs whose parameters are initializers listed as graph inputs unfolded (IR < 4 models).")
+@click.option("--keep-failing-unfolded", is_flag=True,
+              help="If verification fails, leave the BNs responsible unfolded and write the (verified) rest.")
+@click.option("--json", "json_path", type=click.Path(), default=None,
+              help="Also write a machine-readable report (fold entries, tensor map, verification) to this file.")
+def command(input_path: str, output_path: str | None, force: bool, in_place: bool, no_verify: bool, check: bool,
+            decompose_rest: bool, keep_initializer_inputs: bool, keep_failing_unfolded: bool,
+            json_path: str | None, **params: Any) -> None:
+    """Fold BatchNormalization in the ONNX model IN into its neighbours and write OUT.
+
+    OUT is verified against IN in onnxruntime before it is written. Exit code 0 on success,
+    1 if verification failed (OUT is then not written), 2 on usage or input errors.
+    """
+    from bnfold.io import load_model
+
+    started = time.perf_counter()
+    source = Path(input_path)
+    if output_path is None and not in_place:
+        raise BnfoldError("missing -o/--output (or give --in-place to replace IN)")
+    out = Path(output_path) if output_path is not None else source
+    _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
+
+    model = load_model(source)
+    external = model.ByteSize() > source.stat().st_size or model.ByteSize() > _PROTOBUF_LIMIT
+    extra_files = _external_files(source) if model.ByteSize() > source.stat().st_size else []
+    if external and _data_path(out).exists() and not (force or in_place):
+        raise BnfoldError(f"{_data_path(out)}: already exists; use --force to overwrite")
+    size_before = _disk_size(source, extra_files)
+    loaded = time.perf_counter()
+
+    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
+    folded, report = _fold(model, fold_options)
+    fold_done = time.perf_counter()
+
+    result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
+                              "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
+    verification = None
+    if not no_verify:
+        from bnfold.verify import verify
+
+        options = verify_kwargs(params)
+        verification = verify(model, folded, **options)
+        if not verification.ok:
+            culprits = _localize(model, report, fold_options, options)
+            result["culprits"] = culprits or []
+            if culprits and keep_failing_unfolded:
+                folded, report = _fold(model, fold_options, frozenset(culprits))
+                verification = verify(model, folded, **options)
+                result["kept_unfolded"] = culprits if verification.ok else []
+        verification.reference, verification.candidate = str(source), str(out)
+        result["verification"] = verification.to_dict()
+        result["max_abs_error"] = verification.max_abs
+    verify_done = time.perf_counter()
+
+    result.update({
+        "bn_folded": report.folded,
+        "bn_total": report.total,
+        "fold": report.to_dict(),
+        "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
+        "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
+        "size_bytes": {"before": size_before, "after": None},
+    })
+    if verification is not None and not verification.ok:
+        result["ok"] = False
+        result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
+        for line in verification.lines():
+            click.echo(line)
+        if json_path is not None:
+            write_json(json_path, result)
+        blame = (f"; responsible folds: {_describe(report, result['culprits'])}" if result["culprits"]
+                 else "; no single fold could be blamed")
+        hint = "" if keep_failing_unfolded or not result["culprits"] else "; --keep-failing-unfolded writes OUT with them unfolded"
+        raise VerificationError(f"{out}: not written: verification failed: {verification.summary()}{blame}{hint}",
+                                verification)
+
+    _write(folded, out, external=external, check=check)
+    result["size_bytes"]["after"] = _disk_size(out, [_data_path(out)] if external else [])
+    result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
+    for line in _summary_lines(result, report):
+        click.echo(line)
+    if json_path is not None:
+        write_json(json_path, result)
+
+
+def _timing(started: float, loaded: float, folded: float, verified: float, finished: float) -> dict[str, float]:
+    return {"load": round(loaded - started, 6), "fold": round(folded - loaded, 6),
+            "verify": round(verified - folded, 6), "save": round(finished - verified, 6),
+            "total": round(finished - started, 6)}

@@ -1,0 +1,45 @@
+"""Assertions for users' own test suites (pytest or unittest).
+
+Example::
+
+    from bnfold.testing import assert_equivalent
+
+    def test_folded_model_matches():
+        assert_equivalent("model.onnx", "model.folded.onnx", batch=8)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bnfold.verify import VerifyReport, verify
+
+__all__ = ["assert_equivalent"]
+
+
+def assert_equivalent(reference: onnx.ModelProto | str | os.PathLike,
+                      candidate: onnx.ModelProto | str | os.PathLike,
+                      inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+                      **options: Any) -> VerifyReport:
+    """Assert that ``candidate`` computes the same outputs as ``reference`` in onnxruntime.
+
+    Runs `bnfold.verify.verify` (same keyword options: ``rtol``, ``atol``, ``batch``, ``seed``,
+    ``threads``, ``max_bytes``) and returns its report when every shared output is within
+    tolerance.
+
+    Raises
+    ------
+    AssertionError
+        With the report's lines (one per output, then the verdict) when the models differ.
+    bnfold.BnfoldError
+        When the models cannot be compared (unreadable, different inputs, no shared output).
+    """
+    report = verify(reference, candidate, inputs, **options)
+    if not report.ok:
+        raise AssertionError("\n".join(report.lines()))
+    return report
