@@ -1,0 +1,15 @@
+"""Folding BatchNormalization into neighbouring linear nodes of ONNX models.
+
+- `algebra`: the one fold formula, pure NumPy, float64.
+- `graph`: per-graph indexes, constant evaluation, the pattern protocol and rewrite API.
+- `into_producer`: Conv / ConvTranspose / Gemm / MatMul(+Add) -> BN.
+- `fold_pass`: the pass that visits every graph and applies the patterns.
+- `report`: `FoldReport` / `FoldEntry`, what happened to each BN.
+"""
+
+from __future__ import annotations
+
+from bnfold.fold.fold_pass import fold
+from bnfold.fold.report import FoldEntry, FoldReport
+
+__all__ = ["fold", "FoldReport", "FoldEntry"]

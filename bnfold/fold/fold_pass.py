@@ -1,0 +1,297 @@
+"""FoldBatchNormPass: fold every foldable BatchNormalization of an ONNX model.
+
+Rules (cited in the code as "rule N"):
+
+1. The input model is never modified: the pass works on one in-memory copy.
+2. Every graph is visited: the main graph, If / Loop / Scan bodies (recursively, with outer-scope
+   constants visible) and model-local functions. Each body is indexed once (`GraphIndex`); nodes
+   are visited once, in order, so the pass is linear in the size of the model.
+3. Every BatchNormalization is validated first, folded or not: a negative or non-finite epsilon
+   or a constant variance that is negative, non-finite or makes ``var + eps <= 0`` raises
+   `BnfoldError` naming the node and channel.
+4. A BN is kept, with the reason, when it is excluded by name, in training mode
+   (``training_mode=1``; ``is_test=0`` in versions 1 and 6; any running mean / variance output,
+   which in versions 7 to 13 also selects training mode), or has ``spatial=0`` (versions 1 to 7)
+   with statistics that are not one value per channel.
+5. Otherwise the patterns of `PATTERN_MODULES` are tried in order (into the producer, into the
+   consumer, decomposed Mul/Add); the first `Rewrite` is applied. If none folds, the BN is kept
+   with the patterns' reasons.
+6. Afterwards initializers that folding left unused are removed (and, if they were also graph
+   inputs, removed from the inputs); stale value_info goes with the values it described. A model
+   with IR version < 4 that changed is raised to IR 4, the lowest version in which initializers
+   need not be graph inputs; the report says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Collection
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.fold.graph import (
+    AttributeRef,
+    FoldOptions,
+    GraphIndex,
+    ModelContext,
+    Pattern,
+    Rewrite,
+    Skip,
+    attr_graphs,
+    get_attr,
+    node_label,
+    validate_batchnorm,
+)
+from bnfold.fold.report import FoldEntry, FoldReport
+
+__all__ = ["fold", "FoldBatchNormPass", "PATTERN_MODULES", "load_patterns"]
+
+log = logging.getLogger(__name__)
+
+#: Pattern modules, tried in this order; each exports ``PATTERNS``.
+PATTERN_MODULES = ("bnfold.fold.into_producer", "bnfold.fold.into_consumer", "bnfold.fold.decomposed")
+
+_BN = "BatchNormalization"
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def load_patterns() -> list[Pattern]:
+    """The patterns of `PATTERN_MODULES`, in order."""
+    patterns: list[Pattern] = []
+    for module_name in PATTERN_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            log.debug("pattern module %s not available", module_name)
+            continue
+        patterns.extend(module.PATTERNS)
+    return patterns
+
+
+def fold(
+    model: onnx.ModelProto,
+    *,
+    decompose_rest: bool = False,
+    keep_initializer_inputs: bool = False,
+    exclude: Collection[str] = (),
+) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every BatchNormalization of ``model`` that can be folded exactly.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Not modified.
+    decompose_rest : bool
+        Rewrite BNs that have no foldable neighbour as Mul + Add by constants.
+    keep_initializer_inputs : bool
+        Treat initializers that are also graph inputs as run-time inputs (BNs that need them are
+        kept) instead of constants.
+    exclude : collection of str
+        Names of BN nodes to leave unfolded (reason ``"excluded"``).
+
+    Returns
+    -------
+    (onnx.ModelProto, FoldReport)
+    """
+    options = FoldOptions(
+        decompose_rest=decompose_rest,
+        keep_initializer_inputs=keep_initializer_inputs,
+        exclude=frozenset(exclude),
+    )
+    return FoldBatchNormPass(options).run(model)
+
+
+class FoldBatchNormPass:
+    """The pass object: ``FoldBatchNormPass(options).run(model) -> (model, report)``."""
+
+    def __init__(self, options: FoldOptions | None = None, patterns: list[Pattern] | None = None) -> None:
+        self.options = options or FoldOptions()
+        self.patterns = load_patterns() if patterns is None else list(patterns)
+        self._by_anchor: dict[str, list[Pattern]] = {}
+        for pat in self.patterns:
+            for anchor in pat.anchors:
+                self._by_anchor.setdefault(anchor, []).append(pat)
+
+    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
+        if not isinstance(model, onnx.ModelProto):
+            raise BnfoldError(f"fold expects an onnx.ModelProto, got {type(model).__name__}")
+        start = time.perf_counter()
+        out = onnx.ModelProto()
+        out.CopyFrom(model)  # rule 1
+        report = FoldReport()
+        ctx = ModelContext(out, self.options, report, original=model)
+        changed = self._visit_graph(GraphIndex.for_graph(out.graph, ctx, "main"))
+        for function in out.functions:
+            changed |= self._visit(GraphIndex.for_function(function, ctx))
+        if changed:
+            _cleanup(out, ctx)
+        log.info("folded %d of %d BatchNormalization nodes in %.3f s", report.folded, report.total,
+                 time.perf_counter() - start)
+        return out, report
+
+    def _visit_graph(self, index: GraphIndex) -> bool:
+        return self._visit(index)
+
+    def _visit(self, index: GraphIndex) -> bool:
+        """Fold one body (rule 2): nested bodies first, then this body's nodes, then commit."""
+        changed = False
+        for node in index.nodes:
+            for attr in node.attribute:
+                for sub in attr_graphs(attr):
+                    path = f"{index.path}/{node_label(node)}.{attr.name}"
+                    changed |= self._visit(GraphIndex.for_graph(sub, index.ctx, path, parent=index))
+        for node in list(index.nodes):
+            if index.is_removed(node):
+                continue
+            is_bn = node.op_type == _BN and node.domain in _DEFAULT_DOMAINS
+            candidates = self._by_anchor.get(node.op_type, ())
+            if not is_bn and not candidates:
+                continue
+            if is_bn:
+                validate_batchnorm(node, index)  # rule 3
+                reason = _blocker(node, index)
+                if reason is not None:
+                    _record(index, node, None, reason)
+                    continue
+            rewrite, reasons = _try_patterns(node, index, candidates)
+            if rewrite is not None:
+                index.apply(rewrite)
+                _record(index, rewrite.bn or node, rewrite, None)
+            elif is_bn:
+                _record(index, node, None, "; ".join(dict.fromkeys(reasons)) or "no foldable neighbour")
+        changed |= index.changed
+        index.commit()
+        return changed
+
+
+def _try_patterns(node, index: GraphIndex, candidates) -> tuple[Rewrite | None, list[str]]:
+    """Rule 5."""
+    reasons: list[str] = []
+    for pat in candidates:
+        try:
+            result = pat(node, index)
+        except AttributeRef as ref:
+            result = Skip(f"attribute '{ref}' is given by the calling function")
+        if result is None:
+            continue
+        if isinstance(result, Skip):
+            log.debug("%s on %s: %s", pat.name, node_label(node), result.reason)
+            reasons.append(result.reason)
+            continue
+        return result, reasons
+    return None, reasons
+
+
+def _record(index: GraphIndex, node, rewrite: Rewrite | None, reason: str | None) -> None:
+    if rewrite is None:
+        entry = FoldEntry(bn=node_label(node), graph=index.path, status="kept", reason=reason)
+    else:
+        entry = FoldEntry(
+            bn=node_label(node), graph=index.path, status=rewrite.status, into=rewrite.into,
+            tensor_map=dict(rewrite.tensor_map),
+        )
+    index.report.entries.append(entry)
+
+
+def _blocker(node: onnx.NodeProto, index: GraphIndex) -> str | None:
+    """Rule 4: why BN ``node`` must stay as it is, or None."""
+    if node.name and node.name in index.options.exclude:
+        return "excluded"
+    version = index.opset("")
+    try:
+        if int(get_attr(node, "training_mode", 0)):
+            return "training_mode=1 (normalizes with batch statistics)"
+        if version < 7 and not int(get_attr(node, "is_test", 0)):
+            # BatchNormalization-1/6: is_test defaults to 0, i.e. training mode.
+            return f"is_test=0 (training mode in BatchNormalization-{1 if version < 6 else 6})"
+        extra = [name for name in node.output[1:] if name]
+        if extra:
+            used = [name for name in extra if index.users(name) or index.is_graph_output(name)]
+            if used:
+                return f"running mean/variance outputs are consumed ('{used[0]}'): training mode"
+            return "has running mean/variance outputs, which select training mode"
+        if version < 9 and not int(get_attr(node, "spatial", 1)):
+            return _spatial_zero(node, index)
+    except AttributeRef as ref:
+        return f"attribute '{ref}' is given by the calling function"
+    return None
+
+
+def _spatial_zero(node: onnx.NodeProto, index: GraphIndex) -> str | None:
+    """``spatial=0`` normalizes per element of (C, D1, ..., Dn); exact per channel only if every
+    statistic is one value per channel broadcast over the other axes."""
+    rank = index.rank(node.input[0])
+    for name in node.input[1:5]:
+        value = index.constant(name)
+        if value is None:
+            return f"spatial=0 with non-constant statistics ('{name}')"
+        shape = np.shape(value)
+        per_channel = len(shape) >= 1 and all(d == 1 for d in shape[1:])
+        if not per_channel or (rank is not None and len(shape) not in (1, rank - 1)) or (
+            rank is None and len(shape) != 1
+        ):
+            return f"spatial=0 with per-element statistics of shape {shape} (not one value per channel)"
+        if len(shape) == 1 and rank != 2:
+            return "spatial=0 with (C,) statistics on an input whose rank is not known to be 2"
+    return None
+
+
+def _used_names(graph: onnx.GraphProto, used: set[str]) -> None:
+    used.update(v.name for v in graph.output)
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in attr_graphs(attr):
+                _used_names(sub, used)
+
+
+def _prune_initializers(graph: onnx.GraphProto, dead: set[str], removed: list[str]) -> None:
+    if any(t.name in dead for t in graph.initializer):
+        kept = [t for t in graph.initializer if t.name not in dead]
+        removed.extend(t.name for t in graph.initializer if t.name in dead)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in attr_graphs(attr):
+                _prune_initializers(sub, dead, removed)
+
+
+def _cleanup(model: onnx.ModelProto, ctx: ModelContext) -> None:
+    """Rule 6."""
+    if ctx.released:
+        used: set[str] = set()
+        _used_names(model.graph, used)
+        for function in model.functions:
+            for node in function.node:
+                used.update(node.input)
+        dead = ctx.released - used
+        removed: list[str] = []
+        if dead:
+            _prune_initializers(model.graph, dead, removed)
+        gone = set(removed)
+        inputs = [v for v in model.graph.input if v.name in gone]
+        if inputs:
+            kept = [v for v in model.graph.input if v.name not in gone]
+            del model.graph.input[:]
+            model.graph.input.extend(kept)
+            names = ", ".join(f"'{v.name}'" for v in inputs[:5]) + (" ..." if len(inputs) > 5 else "")
+            ctx.report.notes.append(
+                f"removed {len(inputs)} folded initializer(s) from the graph inputs: {names}"
+            )
+        stale = [vi for vi in model.graph.value_info if vi.name in gone]
+        if stale:
+            kept_vi = [vi for vi in model.graph.value_info if vi.name not in gone]
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(kept_vi)
+    if model.ir_version < 4:
+        ctx.report.notes.append(
+            f"raised IR version {model.ir_version} -> 4 (folded initializers are not graph inputs)"
+        )
+        model.ir_version = 4

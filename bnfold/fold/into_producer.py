@@ -1,0 +1,334 @@
+"""Fold a BatchNormalization into the linear node that produces its input.
+
+Rules (cited in the code as "rule N"):
+
+1. ``Conv -> BN``: the Conv weight is (C_out, C_in/group, k...) for any group, rank and
+   padding, so output channels are weight axis 0 (ONNX Conv spec); the new bias is (C_out,).
+2. ``ConvTranspose -> BN``: the weight is (C_in, C_out/group, k...); output channel
+   ``o = g * (C_out/group) + j`` is ``weight[g*(C_in/group):(g+1)*(C_in/group), j]`` (ONNX
+   ConvTranspose spec). The weight is viewed as (C_in/group, C_out, k...) to scale axis 1.
+3. ``Gemm -> BN``: ``Y = alpha * A' B' + beta * C`` is rank 2, BN channels are its columns
+   (weight axis 1 if ``transB == 0``, else axis 0). ``alpha`` goes into the weight and
+   ``beta`` into the bias, the output Gemm has ``alpha = beta = 1``. ``C`` may be absent, a
+   scalar, (N,), (1, N), (M, 1) or (M, N): ``C' = shift + scale * beta * C`` is exact
+   elementwise for every broadcastable shape. Gemm before opset 7 (``broadcast`` attribute) is
+   skipped.
+4. ``MatMul(A, W) [-> Add(bias)] -> BN`` with a constant 2-D ``W`` (K, N): folded only when
+   the MatMul output is known to be rank 2, because BN normalizes axis 1 and for a (N, T, C)
+   output that is T, not the weight's output axis. The result is one ``Gemm(A, W', b')`` that
+   keeps the MatMul's name: rank 2 is then certain, the bias belongs to the linear node (one
+   node instead of two or three), and Gemm accepts any broadcastable bias.
+5. Conditions for every producer: the producer (and the bias Add) output feeds only the next
+   node and is not a graph output; the weight, bias and BN parameters are constants; the
+   channel counts agree; folded values are representable in the weight's dtype (computed in
+   float64 by `bnfold.fold.algebra`, cast once, subnormals flushed to zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from bnfold.fold.algebra import fold_affine
+from bnfold.fold.graph import (
+    BatchNormParams,
+    GraphIndex,
+    Rewrite,
+    Skip,
+    get_attr,
+    node_label,
+    pattern,
+    replace_node,
+)
+
+__all__ = ["PATTERNS", "PRODUCERS", "ProducerSpec", "fold_into_producer"]
+
+_FLOATS = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+)
+
+
+@dataclass(frozen=True)
+class ProducerSpec:
+    """How a linear producer stores its output channels.
+
+    ``channel_axis`` is the weight axis that indexes output channels; ``grouped_axis_1`` marks
+    ConvTranspose, whose output channels are split across ``group`` blocks of axis 0 (rule 2).
+    ``transposed_attr`` names the attribute that moves the channel axis from 1 to 0 (Gemm's
+    ``transB``, rule 3).
+    """
+
+    weight_rank: int | None
+    channel_axis: int
+    grouped_axis_1: bool = False
+    transposed_attr: str | None = None
+
+
+#: op type -> output-channel layout of the weight (input 1). The one table producers differ by.
+PRODUCERS: dict[str, ProducerSpec] = {
+    "Conv": ProducerSpec(weight_rank=None, channel_axis=0),
+    "ConvTranspose": ProducerSpec(weight_rank=None, channel_axis=1, grouped_axis_1=True),
+    "Gemm": ProducerSpec(weight_rank=2, channel_axis=1, transposed_attr="transB"),
+    "MatMul": ProducerSpec(weight_rank=2, channel_axis=1),
+}
+
+
+def _channel_view(weight: np.ndarray, spec: ProducerSpec, node: onnx.NodeProto):
+    """``(view, axis, restore)``: a view of ``weight`` whose ``axis`` indexes output channels."""
+    if spec.transposed_attr and int(get_attr(node, spec.transposed_attr, 0)):
+        return weight, 0, lambda w: w
+    if not spec.grouped_axis_1:
+        return weight, spec.channel_axis, lambda w: w
+    group = int(get_attr(node, "group", 1))
+    c_in, c_out_g, *kernel = weight.shape
+    if group == 1:
+        return weight, 1, lambda w: w
+    c_in_g = c_in // group
+    # (C_in, C_out/g, k...) -> (g, C_in/g, C_out/g, k...) -> (C_in/g, g, C_out/g, k...) ->
+    # (C_in/g, C_out, k...): axis 1 is now o = g * (C_out/g) + j.
+    perm = (1, 0, 2, *range(3, 3 + len(kernel)))
+    view = weight.reshape(group, c_in_g, c_out_g, *kernel).transpose(perm).reshape(c_in_g, group * c_out_g, *kernel)
+
+    def restore(w: np.ndarray) -> np.ndarray:
+        return w.reshape(c_in_g, group, c_out_g, *kernel).transpose(perm).reshape(c_in, c_out_g, *kernel)
+
+    return view, 1, restore
+
+
+def _sole_reader(index: GraphIndex, name: str, reader: onnx.NodeProto) -> Skip | None:
+    reason = index.sole_consumer_reason(name, reader)
+    return None if reason is None else Skip(f"producer output {reason}")
+
+
+@pattern("linear-bn", "BatchNormalization")
+def fold_into_producer(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | None:
+    """Fold BN ``node`` into the Conv / ConvTranspose / Gemm / MatMul(+Add) that feeds it."""
+    producer = index.producer.get(node.input[0])
+    if producer is None:
+        return Skip("BN input is not computed by a node of this graph")
+    bias_add = None
+    if producer.op_type == "Add" and producer.domain in ("", "ai.onnx"):
+        # rule 4: MatMul -> Add(constant) -> BN
+        bias_add = producer
+        matmul_out = _matmul_side(index, bias_add)
+        if matmul_out is None:
+            return Skip(f"producer is Add '{node_label(bias_add)}' not fed by a MatMul and a constant")
+        skip = _sole_reader(index, bias_add.output[0], node)
+        if skip:
+            return skip
+        producer = index.producer[matmul_out]
+    spec = PRODUCERS.get(producer.op_type) if producer.domain in ("", "ai.onnx") else None
+    if spec is None:
+        return Skip(f"producer {producer.op_type} '{node_label(producer)}' is not a linear node bnfold folds into")
+    skip = _sole_reader(index, producer.output[0], bias_add if bias_add is not None else node)
+    if skip:
+        return skip
+    params = index.read_batchnorm(node)
+    if isinstance(params, Skip):
+        return params
+    if producer.op_type == "MatMul":
+        return _fold_matmul(node, producer, bias_add, params, spec, index)
+    if producer.op_type == "Gemm":
+        return _fold_gemm(node, producer, params, spec, index)
+    return _fold_conv(node, producer, params, spec, index)
+
+
+def _matmul_side(index: GraphIndex, add: onnx.NodeProto) -> str | None:
+    """The Add input computed by a MatMul, if the other Add input is constant."""
+    if len(add.input) != 2:
+        return None
+    for mine, other in ((0, 1), (1, 0)):
+        source = index.producer.get(add.input[mine])
+        if source is not None and source.op_type == "MatMul" and index.constant(add.input[other]) is not None:
+            return add.input[mine]
+    return None
+
+
+def _float_weight(index: GraphIndex, name: str) -> int | Skip:
+    elem_type = index.elem_type(name)
+    if elem_type not in _FLOATS:
+        return Skip(f"weight '{name}' has element type {elem_type}, not a float type")
+    return elem_type
+
+
+def _finish(
+    index: GraphIndex,
+    params: BatchNormParams,
+    weight64: np.ndarray,
+    bias64: np.ndarray,
+    elem_type: int,
+    *,
+    weight_name: str,
+    bias_name: str | None,
+    hint: str,
+) -> tuple[dict[str, np.ndarray], dict[str, str], tuple[str, str], int] | Skip:
+    """Cast the float64 fold results, reserve names, and build ``constants`` / ``tensor_map``."""
+    cast_w = index.cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
+    if isinstance(cast_w, Skip):
+        return cast_w
+    cast_b = index.cast_folded(bias64, elem_type, "folded bias")
+    if isinstance(cast_b, Skip):
+        return cast_b
+    new_w = index.fresh_name(f"{weight_name}_folded")
+    new_b = index.fresh_name(f"{bias_name}_folded" if bias_name else f"{hint}_bias_folded")
+    tensor_map = {weight_name: new_w}
+    if bias_name:
+        tensor_map[bias_name] = new_b
+    names = params.names
+    # gamma scales the weight; beta, mean (and var, through the weight too) end up in the bias.
+    tensor_map.setdefault(names["scale"], new_w)
+    for role in ("bias", "mean", "var"):
+        tensor_map.setdefault(names[role], new_b)
+    constants = {new_w: cast_w[0], new_b: cast_b[0]}
+    return constants, tensor_map, (new_w, new_b), cast_w[1] + cast_b[1]
+
+
+def _fold_conv(node, producer, params: BatchNormParams, spec: ProducerSpec, index: GraphIndex):
+    """Rules 1 and 2."""
+    weight_name = producer.input[1] if len(producer.input) > 1 else ""
+    bias_name = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
+    values = index.fetch(weight=weight_name, bias=bias_name)
+    if isinstance(values, Skip):
+        return values
+    weight, bias = values["weight"], values["bias"]
+    elem_type = _float_weight(index, weight_name)
+    if isinstance(elem_type, Skip):
+        return elem_type
+    if weight.ndim < 3:
+        return Skip(f"{producer.op_type} weight '{weight_name}' has rank {weight.ndim}")
+    group = int(get_attr(producer, "group", 1))
+    if spec.grouped_axis_1 and weight.shape[0] % group:
+        return Skip(f"ConvTranspose weight '{weight_name}' axis 0 ({weight.shape[0]}) not divisible by group {group}")
+    view, axis, restore = _channel_view(weight, spec, producer)
+    channels = view.shape[axis]
+    if channels != params.channels:
+        return Skip(f"{producer.op_type} has {channels} output channels, BN has {params.channels}")
+    if bias is not None and bias.size not in (1, channels):
+        return Skip(f"{producer.op_type} bias '{bias_name}' has shape {bias.shape}")
+    scale, shift = params.affine()
+    bias_vec = None if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
+    weight64, bias64 = fold_affine(view, bias_vec, scale, shift, axis=axis)
+    done = _finish(
+        index, params, restore(weight64), bias64, elem_type,
+        weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
+    )
+    if isinstance(done, Skip):
+        return done
+    constants, tensor_map, (new_w, new_b), flushed = done
+    new_node = replace_node(producer, inputs=[producer.input[0], new_w, new_b], outputs=[node.output[0]])
+    return Rewrite(
+        into=node_label(producer), remove=[node], replace=[(producer, [new_node])],
+        constants=constants, tensor_map=tensor_map, subnormals=flushed,
+    )
+
+
+def _fold_gemm(node, producer, params: BatchNormParams, spec: ProducerSpec, index: GraphIndex):
+    """Rule 3."""
+    if index.opset("") < 7:
+        return Skip("Gemm before opset 7 broadcasts C only with the 'broadcast' attribute")
+    weight_name = producer.input[1]
+    bias_name = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
+    values = index.fetch(weight=weight_name, bias=bias_name)
+    if isinstance(values, Skip):
+        return values
+    weight, bias = values["weight"], values["bias"]
+    elem_type = _float_weight(index, weight_name)
+    if isinstance(elem_type, Skip):
+        return elem_type
+    if weight.ndim != 2:
+        return Skip(f"Gemm weight '{weight_name}' has rank {weight.ndim}")
+    view, axis, restore = _channel_view(weight, spec, producer)
+    if view.shape[axis] != params.channels:
+        return Skip(f"Gemm has {view.shape[axis]} output columns, BN has {params.channels}")
+    # ONNX Gemm defaults: alpha = beta = 1.
+    alpha = float(get_attr(producer, "alpha", 1.0))
+    beta = float(get_attr(producer, "beta", 1.0))
+    c64 = None
+    if bias is not None:
+        c64 = beta * np.asarray(bias, dtype=np.float64)
+        if c64.ndim > 2 or (c64.ndim >= 1 and c64.shape[-1] not in (1, params.channels)):
+            return Skip(f"Gemm C '{bias_name}' of shape {bias.shape} does not broadcast to (M, {params.channels})")
+        if c64.ndim < 2:
+            # scalar, (1,) or (N,): one value per column.
+            c64 = np.broadcast_to(c64.reshape(-1), (params.channels,))
+    scale, shift = params.affine()
+    weight64, bias64 = fold_affine(alpha * np.asarray(view, dtype=np.float64), c64, scale, shift, axis=axis)
+    done = _finish(
+        index, params, restore(weight64), bias64, elem_type,
+        weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
+    )
+    if isinstance(done, Skip):
+        return done
+    constants, tensor_map, (new_w, new_b), flushed = done
+    new_node = replace_node(
+        producer, inputs=[producer.input[0], new_w, new_b], outputs=[node.output[0]], drop_attrs=("alpha", "beta")
+    )
+    return Rewrite(
+        into=node_label(producer), remove=[node], replace=[(producer, [new_node])],
+        constants=constants, tensor_map=tensor_map, subnormals=flushed,
+    )
+
+
+def _fold_matmul(node, matmul, bias_add, params: BatchNormParams, spec: ProducerSpec, index: GraphIndex):
+    """Rule 4."""
+    if index.opset("") < 7:
+        return Skip("MatMul folding needs Gemm with broadcasting bias (opset 7 or later)")
+    if len(matmul.input) != 2:
+        return Skip("MatMul does not have two inputs")
+    data_name, weight_name = matmul.input[0], matmul.input[1]
+    rank = index.rank(matmul.output[0])
+    if rank is None:
+        rank = index.rank(data_name)  # with a 2-D weight, MatMul keeps the rank of A
+    if rank is None:
+        return Skip(f"rank of MatMul '{node_label(matmul)}' output is unknown (BN channel axis 1 must be its last axis)")
+    if rank != 2:
+        return Skip(
+            f"MatMul '{node_label(matmul)}' output has rank {rank}: BN normalizes axis 1, not the weight's output axis"
+        )
+    weight = index.constant(weight_name)
+    if weight is None:
+        return Skip(f"weight is not constant: {index.nonconstant_reason(weight_name)}")
+    if weight.ndim != 2:
+        return Skip(f"MatMul weight '{weight_name}' has rank {weight.ndim}, not 2")
+    elem_type = _float_weight(index, weight_name)
+    if isinstance(elem_type, Skip):
+        return elem_type
+    if weight.shape[1] != params.channels:
+        return Skip(f"MatMul has {weight.shape[1]} output columns, BN has {params.channels}")
+    bias_name = None
+    b64 = None
+    if bias_add is not None:
+        bias_name = bias_add.input[1] if bias_add.input[0] == matmul.output[0] else bias_add.input[0]
+        if bias_name == matmul.output[0]:
+            return Skip("Add adds the MatMul output to itself")
+        b64 = np.asarray(index.constant(bias_name), dtype=np.float64)
+        if b64.ndim > 2 or (b64.ndim >= 1 and b64.shape[-1] not in (1, params.channels)):
+            return Skip(f"bias '{bias_name}' of shape {b64.shape} does not broadcast to (M, {params.channels})")
+        if b64.ndim < 2:
+            b64 = np.broadcast_to(b64.reshape(-1), (params.channels,))
+    scale, shift = params.affine()
+    weight64, bias64 = fold_affine(weight, b64, scale, shift, axis=spec.channel_axis)
+    done = _finish(
+        index, params, weight64, bias64, elem_type,
+        weight_name=weight_name, bias_name=bias_name, hint=matmul.name or node.output[0],
+    )
+    if isinstance(done, Skip):
+        return done
+    constants, tensor_map, (new_w, new_b), flushed = done
+    gemm = onnx.helper.make_node("Gemm", [data_name, new_w, new_b], [node.output[0]], name=matmul.name)
+    if matmul.doc_string:
+        gemm.doc_string = matmul.doc_string
+    remove = [node] if bias_add is None else [node, bias_add]
+    return Rewrite(
+        into=node_label(matmul) if matmul.name else f"<Gemm -> {node.output[0]}>",
+        remove=remove, replace=[(matmul, [gemm])],
+        constants=constants, tensor_map=tensor_map, subnormals=flushed,
+    )
+
+
+PATTERNS = [fold_into_producer]
