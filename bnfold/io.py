@@ -318,7 +318,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Colle
         other = Path(other)
         if _same_file(path, other):
             raise BnfoldError(f"{path}: output is the same file as the input; use --in-place to allow it")
-        for data_file in _EXTERNAL_SOURCES.get(_resolved(other), ()):
+        for data_file in _external_files_of(other) if path.exists() else ():
             if _same_file(path, data_file):
                 raise BnfoldError(f"{path}: output is the external data file of the input {other}")
     if path.is_dir():
@@ -333,6 +333,26 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Colle
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BnfoldError(f"{path}: output folder {parent} is not writable")
     return path
+
+
+def _external_files_of(model_path: Path) -> set[Path]:
+    """External data files of the model at `model_path` (recorded by `load_model`, or parsed)."""
+    known = _EXTERNAL_SOURCES.get(_resolved(model_path))
+    if known is not None:
+        return known
+    if model_path.suffix.lower() != ".onnx" or not model_path.is_file():
+        return set()
+    try:
+        proto = onnx.load_model(str(model_path), load_external_data=False)
+    except Exception:  # not a model: load_model reports that when it reads it
+        return set()
+    base = _resolved(model_path).parent
+    files = set()
+    for tensor in _all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value:
+                files.add(base / entry.value)
+    return files
 
 
 def _resolved(path: Path) -> Path:

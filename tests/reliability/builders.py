@@ -63,6 +63,9 @@ def gemm_bn(
         params[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
     attrs = {} if training_mode is None else {"training_mode": training_mode}
     bn, bn_inits = _bn_node("z", "y", params, "bn", eps, **attrs)
+    if training_mode:
+        # onnxruntime requires the running mean and variance outputs in training mode.
+        bn.output.extend(["bn.running_mean", "bn.running_var"])
     gemm = helper.make_node("Gemm", ["x", "gemm.W", "gemm.b"], ["z"], name="gemm", transB=1)
     inits = [numpy_helper.from_array(weight, "gemm.W"), numpy_helper.from_array(bias, "gemm.b"), *bn_inits]
     return _model(

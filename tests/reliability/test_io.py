@@ -429,11 +429,14 @@ def test_output_equal_to_input_refused_also_through_links(builders, save, tmp_pa
             bio.check_output_path(out, overwrite=True, inputs=(src,))
 
 
-def test_output_equal_to_inputs_external_data_refused(builders, tmp_path):
+@pytest.mark.parametrize("loaded_first", [True, False])
+def test_output_equal_to_inputs_external_data_refused(builders, tmp_path, loaded_first):
     path = _external_model(builders, tmp_path)
-    bio.load_model(path)
+    if loaded_first:
+        bio.load_model(path)
     with pytest.raises(BnfoldError, match="external data file of the input"):
         bio.check_output_path(tmp_path / "w.bin", overwrite=True, inputs=(path,))
+    bio.check_output_path(tmp_path / "other.bin", overwrite=True, inputs=(path,))
 
 
 def test_output_path_rules(tmp_path, is_root):

@@ -1,0 +1,464 @@
+"""Mutation fuzzer for what ``bnfold convert`` does: load, fold, verify.
+
+Each case starts from the bytes of a small valid model (Conv+BN, Gemm+BN, a MatMul+BN chain; see
+``tests/reliability/builders.py``) and applies a few mutations, either to the raw bytes (bit
+flips, byte overwrites, truncation, insertion, deletion, duplication, splices with another seed)
+or to the parsed protobuf (special float values in initializers, inconsistent dims, attributes,
+dangling or swapped names, dropped, duplicated or reordered nodes, odd versions, absurd input
+dimensions, training-mode BN). The oracle (`run_case`) requires that bnfold either refuses the
+input with a `BnfoldError` or produces a folded model that verifies against the input in
+onnxruntime; anything else (another exception type, a failed verification, a modified input, a
+case over its time limit) is a finding.
+
+The suite runs a bounded version (``tests/reliability/test_fuzz.py``); the long run is::
+
+    python tools/fuzz_convert.py --cases 10000 --time-limit 1500 --out fuzz-report
+
+which writes ``summary.json``, ``summary.md`` and one reproducer ``.onnx`` with its traceback per
+distinct finding into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bnfold.errors import BnfoldError, VerificationError  # noqa: E402
+
+__all__ = [
+    "BYTE_OPS",
+    "PROTO_OPS",
+    "Finding",
+    "Outcome",
+    "apply_byte_ops",
+    "apply_proto_ops",
+    "random_case",
+    "run_case",
+    "seed_models",
+]
+
+log = logging.getLogger("fuzz_convert")
+
+# A case that loads and folds runs two tiny models in onnxruntime: well under a second. 20 s
+# means something loops or allocates far too much.
+CASE_TIME_LIMIT = 20.0
+# Verification memory cap for fuzz cases (absurd dims must be refused, never allocated).
+VERIFY_MAX_BYTES = 64 * 1024**2
+
+
+def _builders():
+    path = REPO / "tests" / "reliability" / "builders.py"
+    name = "reliability_builders"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def seed_models() -> dict[str, bytes]:
+    """The valid models every case starts from, serialized."""
+    b = _builders()
+    return {
+        "conv_bn": b.conv_bn().SerializeToString(),
+        "gemm_bn": b.gemm_bn().SerializeToString(),
+        "matmul_bn": b.matmul_bn().SerializeToString(),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Byte-level mutations: (name, position in [0, 1), payload bytes)
+
+ByteOp = tuple[str, float, bytes]
+BYTE_OPS = ("flip", "set", "truncate", "insert", "delete", "duplicate", "splice")
+
+
+def apply_byte_ops(data: bytes, ops: Sequence[ByteOp], donors: Sequence[bytes] = ()) -> bytes:
+    """Apply byte mutations in order; positions are fractions of the current length."""
+    buf = bytearray(data)
+    for name, where, payload in ops:
+        n = len(buf)
+        if n == 0:
+            break
+        i = min(int(where * n), n - 1)
+        size = 1 + (payload[0] % 16 if payload else 0)
+        if name == "flip":
+            buf[i] ^= 1 << ((payload[0] if payload else 0) % 8)
+        elif name == "set":
+            buf[i : i + len(payload)] = payload
+        elif name == "truncate":
+            del buf[i:]
+        elif name == "insert":
+            buf[i:i] = payload
+        elif name == "delete":
+            del buf[i : i + size]
+        elif name == "duplicate":
+            buf[i:i] = buf[i : i + size * 4]
+        elif name == "splice" and donors:
+            donor = donors[(payload[0] if payload else 0) % len(donors)]
+            j = int(where * len(donor))
+            buf = buf[:i] + bytearray(donor[j:])
+    return bytes(buf)
+
+
+# ------------------------------------------------------------------------------------------
+# Protobuf-level mutations: (name, integer choices)
+
+ProtoOp = tuple[str, tuple[int, ...]]
+_SPECIAL_FLOATS = (np.nan, np.inf, -np.inf, 0.0, -0.0, -1.0, 1e38, -1e38, 1e-45, 65504.0, 1e-30)
+_SPECIAL_INTS = (-1, 0, 1, 2, 3, 7, 1000, 2**31, 10**12)
+_OP_TYPES = ("Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Add", "Identity", "ConvTranspose", "Mul")
+_DTYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.BFLOAT16, 0, 99)
+PROTO_OPS = (
+    "special_value",
+    "init_dims",
+    "init_dtype",
+    "attribute",
+    "rename_input",
+    "drop_node",
+    "duplicate_node",
+    "swap_nodes",
+    "op_type",
+    "input_dim",
+    "opset",
+    "ir_version",
+    "training_mode",
+    "drop_initializer",
+    "input_dtype",
+)
+
+
+def _pick(seq, k: int):
+    return seq[k % len(seq)] if len(seq) else None
+
+
+def apply_proto_ops(data: bytes, ops: Sequence[ProtoOp]) -> bytes:
+    """Parse `data` (a valid model), apply structural mutations, serialize."""
+    model = onnx.ModelProto()
+    model.ParseFromString(data)
+    graph = model.graph
+    for name, args in ops:
+        # A mutation that does not apply to an already mutated model is skipped.
+        with contextlib.suppress(Exception):
+            _apply_proto_op(model, name, args)
+    return model.SerializeToString()
+
+
+def _apply_proto_op(model: onnx.ModelProto, name: str, args: tuple[int, ...]) -> None:
+    graph = model.graph
+    a, b, c = (list(args) + [0, 0, 0])[:3]
+    node = _pick(graph.node, a)
+    init = _pick(graph.initializer, a)
+    if name == "special_value" and init is not None:
+        arr = onnx.numpy_helper.to_array(init).copy()
+        if arr.size and arr.dtype.kind == "f":
+            arr.flat[b % arr.size] = _pick(_SPECIAL_FLOATS, c)
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    elif name == "init_dims" and init is not None:
+        dims = list(init.dims)
+        if dims and c % 3 == 0:
+            dims[b % len(dims)] = _pick(_SPECIAL_INTS, c)
+        elif c % 3 == 1:
+            dims.append(_pick(_SPECIAL_INTS, b))
+        elif dims:
+            dims.pop(b % len(dims))
+        init.dims[:] = dims
+    elif name == "init_dtype" and init is not None:
+        init.data_type = _pick(_DTYPES, b)
+    elif name == "attribute" and node is not None:
+        attrs = list(node.attribute)
+        if attrs:
+            attr = attrs[b % len(attrs)]
+            if attr.type == onnx.AttributeProto.FLOAT:
+                attr.f = float(_pick(_SPECIAL_FLOATS, c))
+            elif attr.type == onnx.AttributeProto.INT:
+                attr.i = int(_pick(_SPECIAL_INTS, c)) % 2**63
+            elif attr.type == onnx.AttributeProto.INTS and attr.ints:
+                attr.ints[c % len(attr.ints)] = int(_pick(_SPECIAL_INTS, b)) % 2**63
+    elif name == "rename_input" and node is not None and node.input:
+        names = [i.name for i in graph.input] + [t.name for t in graph.initializer]
+        names += [o for n in graph.node for o in n.output] + ["", "missing"]
+        node.input[b % len(node.input)] = _pick(names, c)
+    elif name == "drop_node" and node is not None:
+        graph.node.remove(node)
+    elif name == "duplicate_node" and node is not None:
+        graph.node.insert(b % (len(graph.node) + 1), node)
+    elif name == "swap_nodes" and len(graph.node) > 1:
+        i, j = a % len(graph.node), b % len(graph.node)
+        first, second = onnx.NodeProto(), onnx.NodeProto()
+        first.CopyFrom(graph.node[i])
+        second.CopyFrom(graph.node[j])
+        graph.node[i].CopyFrom(second)
+        graph.node[j].CopyFrom(first)
+    elif name == "op_type" and node is not None:
+        node.op_type = _pick(_OP_TYPES, b)
+    elif name == "input_dim" and graph.input:
+        dims = graph.input[a % len(graph.input)].type.tensor_type.shape.dim
+        if dims:
+            dim = dims[b % len(dims)]
+            value = _pick(_SPECIAL_INTS, c)
+            if value >= 0:
+                dim.dim_value = value
+            else:
+                dim.dim_param = "M"
+    elif name == "opset" and model.opset_import:
+        model.opset_import[0].version = 1 + b % 30
+    elif name == "ir_version":
+        model.ir_version = b % 16
+    elif name == "training_mode":
+        for bn in (n for n in graph.node if n.op_type == "BatchNormalization"):
+            bn.attribute.append(helper.make_attribute("training_mode", 1))
+            break
+    elif name == "drop_initializer" and init is not None:
+        graph.initializer.remove(init)
+    elif name == "input_dtype" and graph.input:
+        graph.input[a % len(graph.input)].type.tensor_type.elem_type = _pick(_DTYPES, b)
+
+
+# ------------------------------------------------------------------------------------------
+# The oracle
+
+
+class Finding(Exception):
+    """A case where bnfold answered with something other than a BnfoldError or a verified result."""
+
+    def __init__(self, stage: str, detail: str, tb: str = "") -> None:
+        super().__init__(f"{stage}: {detail}")
+        self.stage, self.detail, self.tb = stage, detail, tb
+
+
+class _CaseTimeout(BaseException):
+    pass
+
+
+@dataclass
+class Outcome:
+    """How bnfold answered one case: ``refused:<stage>`` or ``verified``."""
+
+    status: str
+    message: str = ""
+    folded: int = 0
+    total: int = 0
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    usable = hasattr(signal, "setitimer") and _in_main_thread()
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _CaseTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT) -> Outcome:
+    """Run load -> fold -> verify on `data`; return the outcome or raise `Finding`.
+
+    Invariants checked: only `BnfoldError` may escape bnfold; `fold` does not modify its input
+    model; the input file is unchanged; a folded model verifies against its input.
+    """
+    from bnfold.fold import fold
+    from bnfold.io import load_model
+    from bnfold.verify import verify
+
+    path = Path(folder) / "case.onnx"
+    path.write_bytes(data)
+    stage = "load"
+    try:
+        with _time_limit(time_limit), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = load_model(path)
+            stage = "fold"
+            before = model.SerializeToString()
+            folded, report = fold(model)
+            if model.SerializeToString() != before:
+                raise Finding("fold", "fold() modified its input model")
+            stage = "verify"
+            result = verify(model, folded, batch=2, threads=1, max_bytes=VERIFY_MAX_BYTES)
+            if not result.ok:
+                raise Finding("verify", "folded model does not verify: " + " | ".join(result.lines()))
+    except BnfoldError as exc:
+        return Outcome(f"refused:{stage}", str(exc))
+    except Finding:
+        raise
+    except _CaseTimeout:
+        raise Finding(stage, f"no answer within {time_limit:.0f} s (hang?)") from None
+    except VerificationError as exc:
+        raise Finding(stage, f"VerificationError from the API: {exc}", traceback.format_exc()) from None
+    except BaseException as exc:  # the point of the fuzzer: anything else is a bug
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise Finding(stage, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", traceback.format_exc()) from None
+    finally:
+        if path.read_bytes() != data:
+            raise Finding(stage, "the input file was modified")
+    return Outcome("verified", "", report.folded, report.total)
+
+
+def random_case(rng: np.random.Generator, seeds: dict[str, bytes]) -> tuple[str, bytes, str]:
+    """Draw one mutated model: (seed name, bytes, description of the mutations)."""
+    name = list(seeds)[int(rng.integers(len(seeds)))]
+    data = seeds[name]
+    parts = []
+    if rng.random() < 0.5:
+        ops = [
+            (str(rng.choice(PROTO_OPS)), tuple(int(v) for v in rng.integers(0, 1000, 3)))
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        data = apply_proto_ops(data, ops)
+        parts.append(f"proto{ops}")
+    if rng.random() < 0.6 or not parts:
+        ops = [
+            (str(rng.choice(BYTE_OPS)), float(rng.random()), rng.bytes(int(rng.integers(1, 9))))
+            for _ in range(int(rng.integers(1, 5)))
+        ]
+        data = apply_byte_ops(data, ops, list(seeds.values()))
+        parts.append(f"bytes{[(op, round(w, 4), p.hex()) for op, w, p in ops]}")
+    return name, data, " + ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------
+# The long run
+
+
+@dataclass
+class Summary:
+    cases: int = 0
+    seconds: float = 0.0
+    outcomes: Counter = field(default_factory=Counter)
+    findings: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "cases": self.cases,
+            "seconds": round(self.seconds, 1),
+            "outcomes": dict(self.outcomes.most_common()),
+            "distinct_findings": len(self.findings),
+            "findings": list(self.findings.values()),
+        }
+
+    def markdown(self) -> str:
+        lines = [
+            f"# bnfold fuzz run: {self.cases} cases in {self.seconds:.0f} s",
+            "",
+            "| outcome | cases |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in self.outcomes.most_common()),
+            "",
+            f"## Distinct findings: {len(self.findings)}",
+        ]
+        for item in self.findings.values():
+            lines += ["", f"### {item['key']} ({item['count']} cases)", f"- input: `{item['file']}`",
+                      f"- mutation: `{item['mutation'][:400]}`", "```", item["traceback"][-3000:] or item["detail"], "```"]
+        return "\n".join(lines) + "\n"
+
+
+def _finding_key(finding: Finding) -> str:
+    """Group findings by stage, exception type and the innermost bnfold frame."""
+    frames = [line.strip() for line in finding.tb.splitlines() if line.strip().startswith("File ") and "bnfold" in line]
+    where = frames[-1] if frames else ""
+    kind = finding.detail.split(":", 1)[0]
+    if finding.detail.startswith("folded model does not verify"):
+        kind = "verification failed"
+    return f"{finding.stage} | {kind} | {where}"
+
+
+def fuzz(cases: int, time_limit: float, seed: int, out: Path, on_progress: Callable[[Summary], None] | None = None) -> Summary:
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    seeds = seed_models()
+    summary = Summary()
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bnfold-fuzz-") as tmp:
+        while summary.cases < cases and time.monotonic() - start < time_limit:
+            name, data, mutation = random_case(rng, seeds)
+            summary.cases += 1
+            try:
+                outcome = run_case(data, Path(tmp))
+                summary.outcomes[outcome.status] += 1
+            except Finding as finding:
+                summary.outcomes[f"FINDING:{finding.stage}"] += 1
+                key = _finding_key(finding)
+                item = summary.findings.get(key)
+                if item is None:
+                    digest = hashlib.sha256(data).hexdigest()[:12]
+                    file = out / f"finding-{len(summary.findings):03d}-{digest}.onnx"
+                    file.write_bytes(data)
+                    item = summary.findings[key] = {
+                        "key": key, "count": 0, "file": str(file), "seed": name, "mutation": mutation,
+                        "detail": finding.detail, "traceback": finding.tb,
+                    }
+                    log.warning("finding %s: %s", key, finding.detail)
+                item["count"] += 1
+            for leftover in os.listdir(tmp):
+                if leftover != "case.onnx":
+                    log.warning("case left a file behind: %s", leftover)
+            if on_progress and summary.cases % 500 == 0:
+                summary.seconds = time.monotonic() - start
+                on_progress(summary)
+    summary.seconds = time.monotonic() - start
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    (out / "summary.md").write_text(summary.markdown())
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=10_000, help="number of cases to run")
+    parser.add_argument("--time-limit", type=float, default=1800.0, help="stop after this many seconds")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator drawing the cases")
+    parser.add_argument("--out", type=Path, default=Path("fuzz-report"), help="folder for the summary and reproducers")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("bnfold").setLevel(logging.CRITICAL)
+
+    def progress(summary: Summary) -> None:
+        print(f"{summary.cases} cases, {summary.seconds:.0f} s, {dict(summary.outcomes)}", flush=True)
+
+    summary = fuzz(args.cases, args.time_limit, args.seed, args.out, progress)
+    print(summary.markdown())
+    return 1 if summary.findings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
