@@ -61,9 +61,13 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 2 * 1024**3
 """Default cap on the memory that verification may allocate for inputs and outputs (2 GiB)."""
 
-# ONNX TensorProto dtype name -> default rtol; atol = rtol / 100 (see the module docstring).
-_DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
-_ATOL_PER_RTOL = 1e-2
+# dtype name -> default (rtol, atol); atol = rtol / 100 (see the module docstring).
+_DEFAULT_TOLERANCES = {
+    "float64": (1e-9, 1e-11),
+    "float32": (1e-4, 1e-6),
+    "float16": (1e-2, 1e-4),
+    "bfloat16": (1e-2, 1e-4),
+}
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -71,10 +75,7 @@ ModelLike = onnx.ModelProto | str | os.PathLike
 def default_tolerances(dtype: np.dtype | str) -> tuple[float, float]:
     """Return the default ``(rtol, atol)`` for outputs of ``dtype`` (exact for non-floats)."""
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    rtol = _DEFAULT_RTOL.get(name)
-    if rtol is None:
-        return 0.0, 0.0
-    return rtol, rtol * _ATOL_PER_RTOL
+    return _DEFAULT_TOLERANCES.get(name, (0.0, 0.0))
 
 
 @dataclass
