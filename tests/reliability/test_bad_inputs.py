@@ -1,0 +1,539 @@
+"""Every kind of bad input gets one clear answer, through the CLI and through the Python API.
+
+For each case the CLI must: exit 2 (1 is only for a failed verification), print exactly one line
+``bnfold: error: <what and where>`` on stderr and no traceback, leave the input's bytes unchanged
+(SHA-256 before/after), and leave no output or temporary file behind (folder listings before/after).
+The Python API must raise `BnfoldError` (never another exception type) from the function that is
+responsible: `bnfold.io.load_model` for what is not a valid model file, `bnfold.fold.fold` for a
+model whose BatchNormalization parameters are invalid, `bnfold.verify.verify` for what cannot be
+run safely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.errors import BnfoldError
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bad input model: `make(folder, builders)` writes it (and any sidecar) into `folder`."""
+
+    id: str
+    make: Callable[[Path, object], Path]
+    expect: str  # regex that the error line must match: what is wrong, and where
+    api: str  # the API function that must raise: "load", "fold" or "verify"
+
+
+def _write(folder: Path, model: onnx.ModelProto, name: str = "in.onnx") -> Path:
+    path = folder / name
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _bytes(data: bytes) -> Callable[[Path, object], Path]:
+    def make(folder: Path, builders) -> Path:
+        (folder / "in.onnx").write_bytes(data)
+        return folder / "in.onnx"
+
+    return make
+
+
+def _missing(folder, builders):
+    return folder / "in.onnx"
+
+
+def _directory(folder, builders):
+    (folder / "in.onnx").mkdir()
+    return folder / "in.onnx"
+
+
+def _truncated(folder, builders):
+    data = builders.conv_bn().SerializeToString()
+    return _bytes(data[: len(data) * 2 // 3])(folder, builders)
+
+
+def _tensor_proto(folder, builders):
+    return _bytes(builders.gemm_bn().graph.initializer[0].SerializeToString())(folder, builders)
+
+
+def _graph_proto(folder, builders):
+    return _bytes(builders.gemm_bn().graph.SerializeToString())(folder, builders)
+
+
+def _checker_fails(folder, builders):
+    model = builders.gemm_bn()
+    model.graph.node[0].op_type = "Gem"  # no such ONNX operator
+    return _write(folder, model)
+
+
+def _new_ir(folder, builders):
+    model = builders.gemm_bn()
+    model.ir_version = onnx.IR_VERSION + 5
+    return _write(folder, model)
+
+
+def _new_opset(folder, builders):
+    model = builders.gemm_bn()
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 3
+    return _write(folder, model)
+
+
+def _wrong_bn_shape(folder, builders):
+    return _write(folder, builders.gemm_bn(param_shapes={"scale": (3,)}))  # 4 channels
+
+
+def _var(value: float) -> Callable[[Path, object], Path]:
+    def make(folder, builders):
+        var = np.array([1.0, value, 1.0, 1.0])
+        return _write(folder, builders.gemm_bn(var=var))
+
+    return make
+
+
+def _negative_eps(folder, builders):
+    return _write(folder, builders.gemm_bn(eps=-1e-3))
+
+
+def _missing_initializer(folder, builders):
+    model = builders.gemm_bn()
+    model.graph.node[1].input[4] = "bn.var.lost"
+    return _write(folder, model)
+
+
+def _cycle(folder, builders):
+    return _write(folder, builders.cycle_model())
+
+
+def _absurd_dims(folder, builders):
+    return _write(folder, builders.gemm_bn(batch=10**12))
+
+
+def _zero_dim(folder, builders):
+    model = builders.conv_bn()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 0  # onnxruntime fails at run time
+    return _write(folder, model)
+
+
+def _with_external(folder: Path, builders, *, data: bytes | None = None, location: str = "w.bin") -> Path:
+    model = builders.gemm_bn()
+    weight = next(t for t in model.graph.initializer if t.name == "gemm.W")
+    raw = numpy_helper.to_array(weight).tobytes()
+    if data is not None:
+        (folder / "w.bin").write_bytes(data if data != b"full" else raw)
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("length", str(len(raw)))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    return _write(folder, model)
+
+
+def _ext_missing(folder, builders):
+    return _with_external(folder, builders, data=None)
+
+
+def _ext_short(folder, builders):
+    return _with_external(folder, builders, data=b"\x00" * 10)
+
+
+def _ext_dotdot(folder, builders):
+    return _with_external(folder, builders, location="../../etc/passwd")
+
+
+def _ext_absolute(folder, builders):
+    return _with_external(folder, builders, location="/etc/passwd")
+
+
+def _ext_symlink_out(folder, builders):
+    outside = folder.parent / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    secret = outside / "secret.bin"
+    secret.write_bytes(b"\x01" * 48)  # exactly the size of gemm.W: only the location is wrong
+    (folder / "w.bin").symlink_to(secret)
+    return _with_external(folder, builders, location="w.bin")
+
+
+CASES = [
+    Case("missing-path", _missing, r"no such file|does not exist", "load"),
+    Case("directory", _directory, r"directory", "load"),
+    Case("empty-file", _bytes(b""), r"empty", "load"),
+    Case("random-bytes", _bytes(np.random.default_rng(5).bytes(512)), r"not a valid ONNX model", "load"),
+    Case("truncated", _truncated, r"not a valid ONNX model|fails onnx.checker|no graph", "load"),
+    Case("tensor-proto", _tensor_proto, r"not (a valid ONNX model|an ONNX model)", "load"),
+    Case("graph-proto", _graph_proto, r"not an ONNX model \(no graph", "load"),
+    Case("checker-fails", _checker_fails, r"fails onnx.checker.*Gem", "load"),
+    Case("ir-version-too-new", _new_ir, rf"IR version {onnx.IR_VERSION + 5} is newer", "load"),
+    Case("opset-too-new", _new_opset, rf"opset {onnx.defs.onnx_opset_version() + 3} .*newer", "load"),
+    Case("bn-wrong-param-shape", _wrong_bn_shape, r"'bn'.*(shape|\(3,\))|(shape|\(3,\)).*'bn'", "fold"),
+    Case("nan-variance", _var(np.nan), r"'bn'.*channel 1|channel 1.*'bn'", "fold"),
+    Case("inf-variance", _var(np.inf), r"'bn'.*channel 1|channel 1.*'bn'", "fold"),
+    Case("negative-variance", _var(-0.5), r"'bn'.*channel 1|channel 1.*'bn'", "fold"),
+    Case("negative-epsilon", _negative_eps, r"'bn'.*(eps|epsilon)|(eps|epsilon).*'bn'", "fold"),
+    Case("missing-initializer", _missing_initializer, r"bn\.var\.lost", "load"),
+    Case("cycle", _cycle, r"fails onnx.checker.*(sorted|cycle)", "load"),
+    Case("absurd-dimensions", _absurd_dims, r"(memory|bytes|GiB|TiB|too large)", "verify"),
+    Case("zero-dimension", _zero_dim, r"(conv|Conv).*shape", "verify"),
+    Case("external-data-missing", _ext_missing, r"gemm\.W.*missing", "load"),
+    Case("external-data-too-short", _ext_short, r"gemm\.W.*too short", "load"),
+    Case("external-data-dotdot", _ext_dotdot, r"gemm\.W.*\.\./\.\./etc/passwd", "load"),
+    Case("external-data-absolute", _ext_absolute, r"gemm\.W.*/etc/passwd.*absolute", "load"),
+    Case("external-data-symlink-out", _ext_symlink_out, r"gemm\.W.*outside the model's folder", "load"),
+]
+CASE_IDS = [case.id for case in CASES]
+SUBPROCESS_CASES = {"missing-path", "random-bytes", "nan-variance", "external-data-dotdot", "zero-dimension"}
+
+
+@pytest.fixture
+def folders(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    return src, out
+
+
+def _inputs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file()]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_convert_refuses_bad_input(case, builders, folders, run_cli, snapshot):
+    src_dir, out_dir = folders
+    src = case.make(src_dir, builders)
+    before = snapshot(_inputs(src_dir), [src_dir, out_dir])
+    result = run_cli(["convert", src, "-o", out_dir / "out.onnx"])
+    line = result.assert_one_line_error(2)
+    assert re.search(case.expect, line), line
+    assert src.name in line or "'bn'" in line or "gemm" in line, f"error does not say where: {line}"
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in SUBPROCESS_CASES], ids=lambda c: c.id)
+def test_convert_refuses_bad_input_subprocess(case, builders, folders, run_subprocess, snapshot):
+    src_dir, out_dir = folders
+    src = case.make(src_dir, builders)
+    before = snapshot(_inputs(src_dir), [src_dir, out_dir])
+    result = run_subprocess(["convert", src, "-o", out_dir / "out.onnx"])
+    line = result.assert_one_line_error(2)
+    assert re.search(case.expect, line), line
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_api_refuses_bad_input(case, builders, folders, snapshot):
+    """The responsible API function raises BnfoldError; the stages before it accept the input."""
+    from bnfold.fold import fold
+    from bnfold.io import load_model
+    from bnfold.verify import verify
+
+    src_dir, _ = folders
+    src = case.make(src_dir, builders)
+    before = snapshot(_inputs(src_dir), [src_dir])
+    with pytest.raises(BnfoldError) as info:
+        model = load_model(src)
+        assert case.api != "load", "load_model accepted it"
+        folded, _ = fold(model)
+        assert case.api != "fold", "fold accepted it"
+        started = time.monotonic()
+        try:
+            verify(model, folded)
+        finally:
+            # A refusal by the memory cap must be immediate: nothing was allocated or run.
+            assert time.monotonic() - started < 10.0
+    assert re.search(case.expect, str(info.value)), str(info.value)
+    assert "\n" not in str(info.value)
+    before.assert_unchanged()
+
+
+# ------------------------------------------------------------------------------------------
+# Output paths
+
+
+def _good_model(folder: Path, builders) -> Path:
+    return _write(folder, builders.gemm_bn())
+
+
+@pytest.mark.parametrize("kind", ["missing-folder", "parent-is-file", "read-only-folder"])
+def test_convert_refuses_unwritable_output(kind, builders, folders, run_cli, snapshot, is_root):
+    src_dir, out_dir = folders
+    src = _good_model(src_dir, builders)
+    if kind == "missing-folder":
+        out = out_dir / "no" / "such" / "out.onnx"
+    elif kind == "parent-is-file":
+        (out_dir / "file").write_bytes(b"not a folder")
+        out = out_dir / "file" / "out.onnx"
+    else:
+        if is_root:
+            pytest.skip("root can write into a read-only folder")
+        out_dir.chmod(0o500)
+        out = out_dir / "out.onnx"
+    try:
+        before = snapshot(_inputs(src_dir) + _inputs(out_dir), [src_dir, out_dir])
+        line = run_cli(["convert", src, "-o", out]).assert_one_line_error(2)
+        assert "out.onnx" in line and re.search(r"not exist|not a folder|not writable|cannot write", line), line
+        before.assert_unchanged()
+    finally:
+        out_dir.chmod(0o700)
+
+
+@pytest.mark.parametrize("how", ["same-path", "symlink", "hardlink", "dot-path"])
+def test_convert_refuses_output_equal_to_input(how, builders, folders, run_cli, snapshot):
+    src_dir, _ = folders
+    src = _good_model(src_dir, builders)
+    out = {
+        "same-path": src,
+        "symlink": src_dir / "alias.onnx",
+        "hardlink": src_dir / "hard.onnx",
+        "dot-path": Path(f"{src_dir}/../{src_dir.name}/in.onnx"),
+    }[how]
+    if how == "symlink":
+        out.symlink_to(src)
+    elif how == "hardlink":
+        os.link(src, out)
+    before = snapshot(_inputs(src_dir), [src_dir])
+    for extra in ([], ["--force"]):
+        line = run_cli(["convert", src, "-o", out, *extra]).assert_one_line_error(2)
+        assert "same file as the input" in line and "--in-place" in line, line
+    before.assert_unchanged()
+
+
+def test_convert_refuses_output_over_inputs_external_data(builders, folders, run_cli, snapshot):
+    src_dir, _ = folders
+    src = _with_external(src_dir, builders, data=b"full")
+    before = snapshot(_inputs(src_dir), [src_dir])
+    line = run_cli(["convert", src, "-o", src_dir / "w.bin", "--force"]).assert_one_line_error(2)
+    assert "w.bin" in line, line
+    before.assert_unchanged()
+
+
+def test_convert_refuses_existing_output_without_force(builders, folders, run_cli, snapshot):
+    src_dir, out_dir = folders
+    src = _good_model(src_dir, builders)
+    (out_dir / "out.onnx").write_bytes(b"precious")
+    before = snapshot(_inputs(src_dir) + _inputs(out_dir), [src_dir, out_dir])
+    line = run_cli(["convert", src, "-o", out_dir / "out.onnx"]).assert_one_line_error(2)
+    assert "already exists" in line and "--force" in line
+    before.assert_unchanged()
+
+
+def test_convert_same_path_in_place_is_allowed_and_atomic(builders, folders, run_cli):
+    src_dir, _ = folders
+    src = _good_model(src_dir, builders)
+    result = run_cli(["convert", src, "--in-place"])
+    assert result.code == 0, result.stderr
+    assert [p.name for p in src_dir.iterdir()] == ["in.onnx"]
+    ops = [n.op_type for n in onnx.load_model(str(src)).graph.node]
+    assert "BatchNormalization" not in ops
+
+
+# ------------------------------------------------------------------------------------------
+# .npz files holding pickled objects: refused, never unpickled
+
+
+class _Trap:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _evil_npz(path: Path, marker: Path, **arrays: np.ndarray) -> Path:
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Trap(marker)
+    np.savez(path, **arrays, evil=payload)
+    return path
+
+
+def test_verify_refuses_pickled_inputs(builders, folders, run_cli, snapshot):
+    src_dir, _ = folders
+    model = _good_model(src_dir, builders)
+    marker = src_dir.parent / "unpickled"
+    evil = _evil_npz(src_dir / "evil.npz", marker, x=np.zeros((2, 3), np.float32))
+    before = snapshot(_inputs(src_dir), [src_dir])
+    line = run_cli(["verify", model, model, "--inputs", evil]).assert_one_line_error(2)
+    assert "evil.npz" in line and "pickle" in line, line
+    assert not marker.exists()
+    before.assert_unchanged()
+
+    from bnfold.verify import verify
+
+    with pytest.raises(BnfoldError, match="pickle"):
+        verify(model, model, inputs=evil)
+    assert not marker.exists()
+
+
+def test_export_refuses_pickled_checkpoint(folders, run_cli, snapshot):
+    src_dir, out_dir = folders
+    marker = src_dir.parent / "unpickled"
+    meta = {"format": "bnfold.checkpoint", "version": 1, "layers": [{"type": "ReLU"}]}
+    evil = _evil_npz(src_dir / "ckpt.npz", marker, __meta__=np.array(json.dumps(meta)))
+    before = snapshot(_inputs(src_dir), [src_dir, out_dir])
+    line = run_cli(["export", evil, "-o", out_dir / "m.onnx"]).assert_one_line_error(2)
+    assert "ckpt.npz" in line and "pickle" in line, line
+    assert not marker.exists()
+    before.assert_unchanged()
+
+    from bnfold.nn.checkpoint import load_checkpoint
+
+    with pytest.raises(BnfoldError, match="pickle"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Not errors: BN in training mode, weights computed at run time
+
+
+def _entries(report: dict) -> list[dict]:
+    """FoldEntry dicts anywhere in a convert JSON report."""
+    found = []
+    if isinstance(report, dict):
+        if "bn" in report and "status" in report:
+            found.append(report)
+        for value in report.values():
+            found += _entries(value)
+    elif isinstance(report, list):
+        for value in report:
+            found += _entries(value)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["training-mode", "runtime-weights"])
+def test_unfoldable_bn_is_kept_and_reported(kind, builders, folders, run_cli):
+    from bnfold.fold import fold
+
+    src_dir, out_dir = folders
+    model = builders.gemm_bn(training_mode=1) if kind == "training-mode" else builders.runtime_weight_conv_bn()
+    src = _write(src_dir, model)
+    digest = src.read_bytes()
+    result = run_cli(["convert", src, "-o", out_dir / "out.onnx", "--json", out_dir / "report.json"])
+    assert result.code == 0, result.stderr
+    assert src.read_bytes() == digest
+    out_ops = [n.op_type for n in onnx.load_model(str(out_dir / "out.onnx")).graph.node]
+    assert out_ops.count("BatchNormalization") == 1
+    entries = _entries(json.loads((out_dir / "report.json").read_text()))
+    assert [(e["bn"], e["status"]) for e in entries] == [("bn", "kept")]
+    reason = entries[0]["reason"].lower()
+    assert ("training" in reason) if kind == "training-mode" else re.search(r"constant|run time|runtime|initializer", reason), reason
+    assert "kept" in result.stdout and "bn" in result.stdout
+
+    folded, report = fold(model)
+    assert [(e.bn, e.status) for e in report.entries] == [("bn", "kept")]
+    assert report.folded == 0 and report.total == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Models fold() must not crash or hang on, even without the loader's checks
+
+
+def _in_thread(func, timeout: float):
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = func()
+        except BaseException as exc:  # reported to the test below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"no answer within {timeout} s (hang)"
+    return outcome
+
+
+def test_fold_on_cycle_answers_without_hanging(builders):
+    """A cyclic graph (unchecked model): fold terminates with a BnfoldError or a result.
+
+    The loader refuses cycles (onnx.checker, see test_api_refuses_bad_input[cycle]); fold itself
+    only has to terminate and raise nothing but BnfoldError: a Gemm -> BN pair inside a cycle is
+    still an exact fold.
+    """
+    from bnfold.fold import fold
+
+    outcome = _in_thread(lambda: fold(builders.cycle_model()), timeout=20.0)
+    if "error" in outcome:
+        assert isinstance(outcome["error"], BnfoldError), repr(outcome["error"])
+
+
+def test_fold_on_dangling_bn_input_does_not_crash(builders):
+    """A BN parameter that nothing produces (unchecked model): an error or the BN kept, nothing else."""
+    from bnfold.fold import fold
+
+    model = builders.gemm_bn()
+    model.graph.node[1].input[4] = "bn.var.lost"
+    outcome = _in_thread(lambda: fold(model), timeout=20.0)
+    if "error" in outcome:
+        assert isinstance(outcome["error"], BnfoldError), repr(outcome["error"])
+        assert "bn" in str(outcome["error"])
+    else:
+        _, report = outcome["value"]
+        assert [(e.bn, e.status) for e in report.entries] == [("bn", "kept")]
+
+
+# ------------------------------------------------------------------------------------------
+# Limits
+
+
+def test_verify_memory_cap_refuses_quickly(builders, tmp_path):
+    from bnfold.verify import verify
+
+    model = builders.gemm_bn(batch=10**12)
+    started = time.monotonic()
+    with pytest.raises(BnfoldError, match=r"memory|bytes|GiB"):
+        verify(model, model)
+    assert time.monotonic() - started < 5.0
+    # A modest request under a tiny cap is refused the same way (the cap is the one deciding).
+    with pytest.raises(BnfoldError, match=r"memory|bytes|GiB"):
+        verify(builders.gemm_bn(), builders.gemm_bn(), batch=1000, max_bytes=1000)
+    assert verify(builders.gemm_bn(), builders.gemm_bn(), batch=4).ok
+
+
+def test_verify_batch_over_cap_via_cli(builders, folders, run_cli, snapshot):
+    src_dir, out_dir = folders
+    src = _good_model(src_dir, builders)
+    before = snapshot(_inputs(src_dir), [src_dir, out_dir])
+    line = run_cli(["convert", src, "-o", out_dir / "o.onnx", "--batch", "100000", "--max-memory", "1MiB"]).assert_one_line_error(2)
+    assert re.search(r"memory|bytes|MiB", line), line
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("threads", [0, -1, 100000])
+def test_threads_out_of_range_is_usage_error(builders, folders, run_cli, threads):
+    src_dir, out_dir = folders
+    src = _good_model(src_dir, builders)
+    line = run_cli(["convert", src, "-o", out_dir / "o.onnx", "--threads", threads]).assert_one_line_error(2)
+    assert "threads" in line
+    assert os.listdir(out_dir) == []
+
+
+def test_threads_bound_onnxruntime_sessions(builders, monkeypatch):
+    """`threads` reaches every onnxruntime session as intra- and inter-op thread counts."""
+    import onnxruntime
+
+    from bnfold.verify import verify
+
+    seen = []
+    real = onnxruntime.InferenceSession
+
+    def spy(model, sess_options=None, *args, **kwargs):
+        seen.append((sess_options.intra_op_num_threads, sess_options.inter_op_num_threads))
+        return real(model, sess_options, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    assert verify(builders.gemm_bn(), builders.gemm_bn(), threads=2).ok
+    assert seen and all(pair == (2, 2) for pair in seen), seen
