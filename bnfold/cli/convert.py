@@ -8,14 +8,14 @@ touches an existing OUT. When verification fails, the folds responsible are foun
 ``--keep-failing-unfolded`` the model is written with just those BNs left unfolded (verified).
 
 Models whose tensors were stored as external data, or that exceed protobuf's 2 GB limit, are
-written with every tensor over 1 KB in ``OUT.data`` beside OUT.
+written with every tensor of 1 KiB or more in a sidecar ``OUT.<content hash>.data`` beside OUT
+(`bnfold.io.save_model`), so that replacing OUT never breaks the previous file's data.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -61,44 +61,24 @@ def _disk_size(path: Path, extra: list[Path]) -> int:
     return path.stat().st_size + sum(item.stat().st_size for item in extra if item.is_file())
 
 
-def _data_path(out: Path) -> Path:
-    return out.with_name(out.name + ".data")
-
-
-def _check(model_or_path: onnx.ModelProto | str, out: Path) -> None:
+def _check(model_or_path: onnx.ModelProto | str, out: Path, *, written: bool = False) -> None:
     try:
         onnx.checker.check_model(model_or_path, full_check=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BnfoldError(f"{out}: not written: the folded model fails onnx.checker: {first}") from None
-
-
-def _write_external(model: onnx.ModelProto, out: Path, check: bool) -> None:
-    """Write OUT and OUT.data through a temporary folder beside OUT, data first, then the model."""
-    parent = out.resolve().parent
-    data = _data_path(out)
-    try:
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as folder:
-            tmp_model = Path(folder) / out.name
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=_EXTERNAL_THRESHOLD)
-            if check:
-                _check(str(tmp_model), out)
-            os.replace(Path(folder) / data.name, parent / data.name)
-            os.replace(tmp_model, out)
-    except OSError as exc:
-        raise BnfoldError(f"{out}: could not be written ({exc.strerror or exc})") from None
+        state = "written, but" if written else "not written:"
+        raise BnfoldError(f"{out}: {state} the folded model fails onnx.checker: {first}") from None
 
 
 def _write(model: onnx.ModelProto, out: Path, *, external: bool, check: bool) -> None:
     from bnfold.io import save_model
 
-    if external:
-        _write_external(model, out, check)
-        return
-    if check:
+    in_memory = model.ByteSize() <= _PROTOBUF_LIMIT
+    if check and in_memory:
         _check(model, out)
-    save_model(model, out)
+    save_model(model, out, external_data=external)
+    if check and not in_memory:  # the checker reads models over 2 GB only from a file
+        _check(str(out), out, written=True)
 
 
 def _check_paths(input_path: Path, out: Path, *, force: bool, in_place: bool, json_path: str | None) -> None:
@@ -210,8 +190,6 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
     model = load_model(source)
     external = model.ByteSize() > source.stat().st_size or model.ByteSize() > _PROTOBUF_LIMIT
     extra_files = _external_files(source) if model.ByteSize() > source.stat().st_size else []
-    if external and _data_path(out).exists() and not (force or in_place):
-        raise BnfoldError(f"{_data_path(out)}: already exists; use --force to overwrite")
     size_before = _disk_size(source, extra_files)
     loaded = time.perf_counter()
 
@@ -261,7 +239,7 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
                                 verification)
 
     _write(folded, out, external=external, check=check)
-    result["size_bytes"]["after"] = _disk_size(out, [_data_path(out)] if external else [])
+    result["size_bytes"]["after"] = _disk_size(out, _external_files(out) if external else [])
     result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
     for line in _summary_lines(result, report):
         click.echo(line)
