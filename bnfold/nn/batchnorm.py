@@ -218,6 +218,8 @@ class BatchNorm:
         self._dbeta = np.zeros(c) if self.center else None
         self.num_batches_tracked = 0
         self._cache: tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None = None
+        self._x_centered_buffer: np.ndarray | None = None
+        self._scratch_buffer: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return (
@@ -398,23 +400,28 @@ class BatchNorm:
         shape = _vector_shape(z)
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite stats are checked below
             mean = _channel_sum(z) / dtype.type(m)
-            x_hat = np.subtract(z, mean.reshape(shape))  # x - mean, normalized in place below
-            var = _channel_dot(x_hat, x_hat) / dtype.type(m)
+            x_centered = np.subtract(z, mean.reshape(shape), out=self._buffer(z))
+            var = _channel_dot(x_centered, x_centered) / dtype.type(m)
         if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            self._cache = None
             self._raise_non_finite(np.asarray(x), "input")
         inv_std = 1.0 / np.sqrt(var + dtype.type(self.eps))
-        x_hat *= inv_std.reshape(shape)
-        self._cache = (x_hat, inv_std, np.shape(x))
+        # x_hat = x_centered * inv_std is never materialized: y and the backward fold inv_std
+        # into their per-channel factors, which saves a full pass over the data.
+        self._cache = (x_centered, inv_std, np.shape(x))
         self._update_moving(mean, var, m)
-        if self.scale:
-            y = x_hat * self._gamma.astype(dtype).reshape(shape)
-            if self.center:
-                y += self._beta.astype(dtype).reshape(shape)
-        elif self.center:
-            y = x_hat + self._beta.astype(dtype).reshape(shape)
-        else:
-            y = x_hat.copy()
+        scale = inv_std * self._gamma.astype(dtype) if self.scale else inv_std
+        y = np.multiply(x_centered, scale.reshape(shape))
+        if self.center:
+            y += self._beta.astype(dtype).reshape(shape)
         return y
+
+    def _buffer(self, z: np.ndarray) -> np.ndarray:
+        """The array that holds ``x - mean`` for the backward, reused while shape/dtype match."""
+        buffer = self._x_centered_buffer
+        if buffer is None or buffer.shape != z.shape or buffer.dtype != z.dtype:
+            buffer = self._x_centered_buffer = np.empty_like(z)
+        return buffer
 
     def _update_moving(self, mean: np.ndarray, var: np.ndarray, m: int) -> None:
         """One EMA / cumulative-average step of the moving statistics (module docstring)."""
@@ -457,31 +464,38 @@ class BatchNorm:
                 "BatchNorm: backward needs a preceding forward(x, training=True) "
                 "(none yet, or the last forward was in inference mode)"
             )
-        x_hat, inv_std, x_shape = self._cache
+        x_centered, inv_std, x_shape = self._cache
         if np.shape(dy) != x_shape:
             raise BatchNormError(
                 f"BatchNorm: dy has shape {np.shape(dy)}, expected the input's shape {x_shape}"
             )
         g, _ = self._canonical(dy, "dy")
-        dtype = x_hat.dtype
+        dtype = x_centered.dtype
         g = g.astype(dtype, copy=False)
-        m = x_hat.size // self.num_features
-        shape = _vector_shape(x_hat)
+        m = dtype.type(x_centered.size // self.num_features)
+        shape = _vector_shape(x_centered)
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums are checked below
             dbeta = _channel_sum(g)
-            dgamma = _channel_dot(g, x_hat)
+            dgamma = _channel_dot(g, x_centered) * inv_std  # sum(dy * x_hat)
         if not (np.isfinite(dbeta).all() and np.isfinite(dgamma).all()):
             self._raise_non_finite(np.asarray(dy), "dy")
-        gamma = self._gamma.astype(dtype) if self.scale else np.ones_like(inv_std)
-        k = gamma * inv_std  # d y / d x through the direct path
-        dx = x_hat * (-k * dgamma / dtype.type(m)).reshape(shape)
-        dx += (-k * dbeta / dtype.type(m)).reshape(shape)
-        dx += g * k.reshape(shape)
+        k = inv_std * self._gamma.astype(dtype) if self.scale else inv_std
+        # dx = k * dy - (k * dbeta / m) - (k * dgamma / m) * x_hat, with x_hat = x_centered * inv_std
+        dx = np.multiply(x_centered, (-k * dgamma * inv_std / m).reshape(shape))
+        dx += (-k * dbeta / m).reshape(shape)
+        dx += np.multiply(g, k.reshape(shape), out=self._buffer_dy(g))
         if self.scale:
             self._dgamma[...] = dgamma
         if self.center:
             self._dbeta[...] = dbeta
         return dx.reshape(x_shape)
+
+    def _buffer_dy(self, g: np.ndarray) -> np.ndarray:
+        """Scratch array for ``k * dy``, reused while shape/dtype match."""
+        buffer = self._scratch_buffer
+        if buffer is None or buffer.shape != g.shape or buffer.dtype != g.dtype:
+            buffer = self._scratch_buffer = np.empty_like(g)
+        return buffer
 
 
 def _vector_shape(z: np.ndarray) -> tuple[int, ...]:
@@ -492,12 +506,12 @@ def _vector_shape(z: np.ndarray) -> tuple[int, ...]:
 def _channel_sum(z: np.ndarray) -> np.ndarray:
     """``sum`` over every axis but the channel axis of the (A, C[, B]) view, shape (C,)."""
     if z.ndim == 2:
-        return z.sum(axis=0)
-    return z.sum(axis=(0, 2))
+        return np.einsum("ac->c", z)
+    return np.einsum("acb->ac", z).sum(axis=0)
 
 
 def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``sum(a * b)`` over every axis but the channel axis, without the product temporary."""
     if a.ndim == 2:
         return np.einsum("ac,ac->c", a, b)
-    return np.einsum("acb,acb->c", a, b)
+    return np.einsum("acb,acb->ac", a, b).sum(axis=0)
