@@ -14,12 +14,15 @@ from bnfold.errors import BnfoldError
 
 __all__ = ["command"]
 
-# Keras-convention momentum 0.9 keeps 0.9**k of the old moving value after k steps: about 1e-19
-# after the 860 steps of the default run, so the moving statistics track the trained network.
-# The torch default 0.1 is the same EMA written the other way round.
+# Keras-convention momentum 0.9 averages over roughly the last 1 / (1 - 0.9) = 10 batches, so the
+# moving statistics follow the changing weights closely, and the initial values (mean 0, var 1)
+# weigh 0.9**860 = 4e-40 after the 860 steps of the default run. Keras's own default 0.99 needs
+# ~10x more steps (see BACKGROUND: 0.9 / 0.99 / 0.999 for ~100 / 1,000 / 10,000 steps). The torch
+# default 0.1 is the same EMA written the other way round.
 _DEFAULT_MOMENTUM = {"keras": 0.9, "torch": 0.1}
 _DEFAULT_LR = {"sgd": 0.1, "adam": 0.01}
-# Points of test accuracy by which moving statistics may trail recomputed ones before we warn.
+# Test accuracy (fraction) by which moving statistics may trail recomputed ones before we warn:
+# 2 points, above the +-1 point that separates them on converged runs (1 point = 4.5 images).
 _LAG_WARNING = 0.02
 _CUMULATIVE = "cumulative"
 
@@ -147,18 +150,23 @@ def command(
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         with click.progressbar(length=len(data.y_train), label=f"epoch {epoch}/{epochs}", file=sys.stderr, hidden=not show_bar) as bar:
-            loss = train_epoch(model, data.x_train, data.y_train, optimizer=opt, batch_size=batch_size, rng=rng, on_batch=bar.update)
+            try:
+                loss = train_epoch(model, data.x_train, data.y_train, optimizer=opt, batch_size=batch_size, rng=rng, on_batch=bar.update)
+            except BnfoldError as exc:
+                raise BnfoldError(f"training diverged in epoch {epoch} (try a smaller --lr than {lr}): {exc}") from None
+        if not math.isfinite(loss):
+            raise BnfoldError(f"training diverged in epoch {epoch}: loss is {loss} (try a smaller --lr than {lr})")
         evaluation = evaluate(model, data.x_test, data.y_test, x_train=data.x_train, batch_size=batch_size)
         last = EpochResult(epoch=epoch, steps=opt.steps, loss=loss, evaluation=evaluation)
         click.echo(_epoch_line(last, epochs))
     elapsed = time.perf_counter() - started
-    click.echo(f"trained {last.steps} steps in {elapsed:.1f} s")
+    click.echo(f"trained and evaluated {last.steps} steps in {elapsed:.1f} s")
     ev = last.evaluation
     if ev.population - ev.moving > _LAG_WARNING:
         click.echo(
             f"warning: moving statistics trail recomputed ones by {100 * (ev.population - ev.moving):.1f} points of test"
-            f" accuracy: the moving averages have not converged after {last.steps} steps (momentum too close to"
-            " its slow end); train longer, use a faster momentum, or pass --recompute-stats",
+            f" accuracy: the moving averages have not caught up with the network after {last.steps} steps; train"
+            " longer, use a faster average (keras: lower --momentum; torch: higher), or pass --recompute-stats",
             err=True,
         )
     if recompute_stats:
