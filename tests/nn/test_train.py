@@ -154,3 +154,20 @@ def test_adam_also_trains(digits):
     train(model, digits.x_train, digits.y_train, optimizer=Adam(model, lr=0.01), epochs=5, batch_size=32, rng=rng)
     # 5 epochs; measured 95.6% for seed 0 and 95.6-98.4% over seeds 0..9 (93% leaves 2.6 points).
     assert accuracy(model, digits.x_test, digits.y_test) >= 0.93
+
+
+def test_shipped_model_reaches_95_percent_with_its_moving_statistics(digits):
+    from pathlib import Path
+
+    from bnfold.nn.checkpoint import load_checkpoint
+    from bnfold.nn.model import is_batchnorm
+
+    path = Path(__file__).resolve().parents[2] / "models" / "digits_mlp.npz"
+    if not path.exists():
+        pytest.skip("models/digits_mlp.npz is not part of this checkout")
+    model = load_checkpoint(path)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Dense", "BatchNorm", "ReLU", "Dense", "BatchNorm", "ReLU", "Dense"]
+    assert [layer.bias is None for layer in model.layers if type(layer).__name__ == "Dense"] == [True, True, False]
+    assert all(not np.allclose(layer.moving_var, 1.0) for layer in model.layers if is_batchnorm(layer))
+    assert accuracy(model, digits.x_test, digits.y_test) >= 0.95
