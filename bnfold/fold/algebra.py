@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bn_affine", "fold_affine", "fold_batchnorm", "check_representable"]
+__all__ = ["bn_affine", "fold_affine", "fold_affine_into_consumer", "fold_batchnorm", "check_representable"]
 
 
 def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +52,50 @@ def fold_affine(weight, bias, scale, shift, *, axis: int):
     return new_weight, new_bias
 
 
+def fold_affine_into_consumer(weight, bias, scale, shift, *, in_axis: int, out_axis: int, groups: int = 1):
+    """Fold ``x -> scale * x + shift`` (per input channel) into the linear op that follows it.
+
+    For a linear consumer ``y[o] = sum_{c, k} W[o, c, k] x[c, k] + b[o]`` (``c`` on ``in_axis``
+    of ``W``, ``o`` on ``out_axis``, ``k`` every other axis, e.g. a convolution's kernel taps)::
+
+        W'[o, c, k] = W[o, c, k] * scale[c]
+        b'[o]       = b[o] + sum_{c, k} W[o, c, k] * shift[c]
+
+    Exact only if every tap reads a normalized value (a convolution without padding: a padded
+    zero is not ``shift``). With ``groups`` (ONNX Conv), ``W`` holds ``C_in / groups`` input
+    channels and output channel ``o`` of group ``g = o // (C_out / groups)`` reads input channel
+    ``g * (C_in / groups) + c``: ``scale`` and ``shift`` have ``C_in`` values.
+
+    Parameters
+    ----------
+    weight : array, any rank >= 2
+    bias : array of shape (C_out,) or None
+    scale, shift : arrays of shape (C_in,)
+    in_axis, out_axis : int
+        Axes of ``weight`` indexing input and output channels (Conv: 1 and 0; Gemm/MatMul
+        weight (K, M): 0 and 1, or 1 and 0 with ``transB``).
+    groups : int
+
+    Returns
+    -------
+    (weight', bias') in float64; ``bias'`` has shape (C_out,).
+    """
+    w = np.moveaxis(np.asarray(weight, dtype=np.float64), (out_axis, in_axis), (0, 1))
+    scale = np.asarray(scale, dtype=np.float64)
+    shift = np.asarray(shift, dtype=np.float64)
+    c_out, c_in_group = w.shape[0], w.shape[1]
+    assert c_out % groups == 0 and scale.shape == shift.shape == (groups * c_in_group,), (
+        w.shape, groups, scale.shape, shift.shape)
+    # Row o holds the scale / shift of the input channels output channel o reads.
+    per_out_scale = np.repeat(scale.reshape(groups, c_in_group), c_out // groups, axis=0)
+    per_out_shift = np.repeat(shift.reshape(groups, c_in_group), c_out // groups, axis=0)
+    taps = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
+    new_w = w * per_out_scale[taps]
+    delta = (w * per_out_shift[taps]).reshape(c_out, -1).sum(axis=1)
+    new_bias = delta if bias is None else np.asarray(bias, dtype=np.float64) + delta
+    return np.moveaxis(new_w, (0, 1), (out_axis, in_axis)), new_bias
+
+
 def fold_batchnorm(weight, bias, gamma, beta, mean, var, eps: float, *, axis: int, dtype=None):
     """``W' = W * s`` and ``b' = beta + (b - mean) * s`` with ``s = gamma / sqrt(var + eps)``.
 
@@ -63,6 +107,15 @@ def fold_batchnorm(weight, bias, gamma, beta, mean, var, eps: float, *, axis: in
     return new_weight.astype(dtype), new_bias.astype(dtype)
 
 
+def _finfo(dtype: np.dtype):
+    try:
+        return np.finfo(dtype)
+    except (TypeError, ValueError):  # bfloat16 and other ml_dtypes types
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
+
+
 def check_representable(values: np.ndarray, dtype) -> str | None:
     """Return a reason if float64 ``values`` overflow ``dtype`` when cast, else None."""
     dtype = np.dtype(dtype)
@@ -71,7 +124,7 @@ def check_representable(values: np.ndarray, dtype) -> str | None:
     finite = np.isfinite(values)
     if not finite.all():
         return "folded value is not finite"
-    limit = float(np.finfo(dtype).max)
+    limit = float(_finfo(dtype).max)
     peak = float(np.max(np.abs(values))) if values.size else 0.0
     if peak > limit:
         return f"folded value {peak:.6g} overflows {dtype.name} (max {limit:.6g})"
