@@ -381,11 +381,10 @@ class BatchNorm:
         inv_std = 1.0 / np.sqrt(self._moving_var + self.eps)
         scale = (self._gamma * inv_std).astype(dtype)
         mean = self._moving_mean.astype(dtype)
-        shape = _vector_shape(z)
-        y = np.subtract(z, mean.reshape(shape))
-        y *= scale.reshape(shape)
+        y = np.subtract(z, _per_channel(mean, z))
+        y *= _per_channel(scale, z)
         if self.center:
-            y += self._beta.astype(dtype).reshape(shape)
+            y += _per_channel(self._beta.astype(dtype), z)
         return y
 
     def _forward_train(self, z: np.ndarray, x: Any) -> np.ndarray:
@@ -397,10 +396,9 @@ class BatchNorm:
                 f"shape {np.shape(x)} (the batch variance is undefined)"
             )
         dtype = z.dtype
-        shape = _vector_shape(z)
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite stats are checked below
             mean = _channel_sum(z) / dtype.type(m)
-            x_centered = np.subtract(z, mean.reshape(shape), out=self._buffer(z))
+            x_centered = np.subtract(z, _per_channel(mean, z), out=self._buffer(z))
             var = _channel_dot(x_centered, x_centered) / dtype.type(m)
         if not (np.isfinite(mean).all() and np.isfinite(var).all()):
             self._cache = None
@@ -411,9 +409,9 @@ class BatchNorm:
         self._cache = (x_centered, inv_std, np.shape(x))
         self._update_moving(mean, var, m)
         scale = inv_std * self._gamma.astype(dtype) if self.scale else inv_std
-        y = np.multiply(x_centered, scale.reshape(shape))
+        y = np.multiply(x_centered, _per_channel(scale, z))
         if self.center:
-            y += self._beta.astype(dtype).reshape(shape)
+            y += _per_channel(self._beta.astype(dtype), z)
         return y
 
     def _buffer(self, z: np.ndarray) -> np.ndarray:
@@ -473,7 +471,6 @@ class BatchNorm:
         dtype = x_centered.dtype
         g = g.astype(dtype, copy=False)
         m = dtype.type(x_centered.size // self.num_features)
-        shape = _vector_shape(x_centered)
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums are checked below
             dbeta = _channel_sum(g)
             dgamma = _channel_dot(g, x_centered) * inv_std  # sum(dy * x_hat)
@@ -481,9 +478,9 @@ class BatchNorm:
             self._raise_non_finite(np.asarray(dy), "dy")
         k = inv_std * self._gamma.astype(dtype) if self.scale else inv_std
         # dx = k * dy - (k * dbeta / m) - (k * dgamma / m) * x_hat, with x_hat = x_centered * inv_std
-        dx = np.multiply(x_centered, (-k * dgamma * inv_std / m).reshape(shape))
-        dx += (-k * dbeta / m).reshape(shape)
-        dx += np.multiply(g, k.reshape(shape), out=self._buffer_dy(g))
+        dx = np.multiply(x_centered, _per_channel(-k * dgamma * inv_std / m, g))
+        dx += _per_channel(-k * dbeta / m, g)
+        dx += np.multiply(g, _per_channel(k, g), out=self._buffer_dy(g))
         if self.scale:
             self._dgamma[...] = dgamma
         if self.center:
@@ -498,9 +495,15 @@ class BatchNorm:
         return buffer
 
 
-def _vector_shape(z: np.ndarray) -> tuple[int, ...]:
-    """Shape that broadcasts a per-channel vector against the canonical (A, C[, B]) view."""
-    return (-1,) if z.ndim == 2 else (-1, 1)
+def _per_channel(vector: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Broadcast a (C,) vector against the canonical (A, C) or (A, C, B) view.
+
+    For (A, C, B) the vector is repeated along B into a small (C, B) array: NumPy's inner loop then
+    runs over two contiguous operands, measurably faster than a (C, 1) operand with stride 0.
+    """
+    if z.ndim == 2:
+        return vector
+    return np.repeat(vector, z.shape[2]).reshape(z.shape[1], z.shape[2])
 
 
 def _channel_sum(z: np.ndarray) -> np.ndarray:
