@@ -224,21 +224,22 @@ def _blocker(node: onnx.NodeProto, index: GraphIndex) -> str | None:
 
 
 def _spatial_zero(node: onnx.NodeProto, index: GraphIndex) -> str | None:
-    """``spatial=0`` normalizes per element of (C, D1, ..., Dn); exact per channel only if every
-    statistic is one value per channel broadcast over the other axes."""
-    rank = index.rank(node.input[0])
+    """``spatial=0`` (BatchNormalization-1/6/7) normalizes per element of (C, D1, ..., Dn).
+
+    That is one value per channel, hence foldable, only when the input is (N, C), or when every
+    spatial dimension of the input is 1; onnxruntime rejects (C, 1, ..., 1) statistics on larger
+    inputs, so those are kept too.
+    """
+    shape_x = index.shape(node.input[0])
+    if shape_x is None:
+        return "spatial=0 (per-element statistics) on an input of unknown shape"
+    spatial = shape_x[2:]
+    if any(d != 1 for d in spatial):
+        return f"spatial=0: per-element statistics over spatial dims {tuple(spatial)}, not one value per channel"
     for name in node.input[1:5]:
         value = index.constant(name)
-        if value is None:
-            return f"spatial=0 with non-constant statistics ('{name}')"
-        shape = np.shape(value)
-        per_channel = len(shape) >= 1 and all(d == 1 for d in shape[1:])
-        if not per_channel or (rank is not None and len(shape) not in (1, rank - 1)) or (
-            rank is None and len(shape) != 1
-        ):
-            return f"spatial=0 with per-element statistics of shape {shape} (not one value per channel)"
-        if len(shape) == 1 and rank != 2:
-            return "spatial=0 with (C,) statistics on an input whose rank is not known to be 2"
+        if value is not None and np.shape(value)[1:] != (1,) * len(spatial):
+            return f"spatial=0 with statistics '{name}' of shape {np.shape(value)}"
     return None
 
 

@@ -735,7 +735,7 @@ class GraphIndex:
             return Skip("BatchNormalization has fewer than 5 inputs")
         values = self.fetch(**names)
         if isinstance(values, Skip):
-            return Skip(values.reason.replace("scale is", "BN scale is", 1).replace("bias is", "BN bias is", 1))
+            return Skip(f"BN {values.reason}")
         arrays = {}
         channels = None
         for role in _BN_ROLES:
@@ -1030,7 +1030,7 @@ def validate_batchnorm(node: onnx.NodeProto, index: GraphIndex) -> None:
     except AttributeRef:
         eps = None
     if eps is not None and (not math.isfinite(eps) or eps < 0):
-        raise BnfoldError(f"BatchNormalization '{label}' in {index.path}: epsilon is {eps!r}, must be >= 0")
+        raise BnfoldError(f"BatchNormalization '{label}' in {index.path}: epsilon is {eps:.6g}, must be >= 0")
     if len(node.input) < 5:
         return
     var = index.constant(node.input[4])
@@ -1044,6 +1044,6 @@ def validate_batchnorm(node: onnx.NodeProto, index: GraphIndex) -> None:
         channel = int(np.flatnonzero(bad)[0])
         raise BnfoldError(
             f"BatchNormalization '{label}' in {index.path}: variance '{node.input[4]}' channel"
-            f" {channel} is {var[channel]!r} (epsilon {eps!r}); variance must be finite and"
+            f" {channel} is {float(var[channel])!r} (epsilon {eps:.6g}); variance must be finite and"
             " var + epsilon > 0"
         )
