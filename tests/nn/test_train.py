@@ -51,6 +51,18 @@ def test_shipped_data_equals_scikit_learn_copy():
     np.testing.assert_array_equal(raw["labels"], reference.target)
 
 
+def test_make_digits_rebuilds_the_shipped_file(tmp_path):
+    pytest.importorskip("sklearn")
+    from bnfold.nn.data.make_digits import _default_source, build
+
+    build(_default_source(), tmp_path / "digits.npz")
+    rebuilt, shipped = load_npz(tmp_path / "digits.npz"), raw_digits()
+    assert rebuilt.keys() == shipped.keys()
+    for key in shipped:
+        np.testing.assert_array_equal(rebuilt[key], shipped[key])
+        assert rebuilt[key].dtype == shipped[key].dtype
+
+
 def test_minibatches_cover_every_index_once_in_near_equal_batches():
     batches = list(minibatches(1347, 32, np.random.default_rng(0)))
     assert len(batches) == 43  # ceil(1347 / 32)

@@ -1,6 +1,8 @@
 """The shipped data set: 8x8 handwritten digits (UCI, via scikit-learn), with a fixed split.
 
-See ``NOTICE`` in this folder for the source and license, and ``make_digits.py`` for how
+Data: E. Alpaydin and C. Kaynak, "Optical Recognition of Handwritten Digits", UCI Machine
+Learning Repository (1998), licensed CC BY 4.0; taken from the copy distributed with scikit-learn
+(BSD 3-Clause). See ``NOTICE`` in this folder for details, and ``make_digits.py`` for how
 ``digits.npz`` was built. Loading needs only NumPy (no scikit-learn, no network).
 """
 
