@@ -25,6 +25,7 @@ _DEFAULT_LR = {"sgd": 0.1, "adam": 0.01}
 # 2 points, above the +-1 point that separates them on converged runs (1 point = 4.5 images).
 _LAG_WARNING = 0.02
 _CUMULATIVE = "cumulative"
+_ERASE_PREVIOUS_LINE = "\033[F\033[K"  # ANSI: cursor to start of previous line, clear it
 
 
 class _Momentum(click.ParamType):
@@ -154,6 +155,8 @@ def command(
                 loss = train_epoch(model, data.x_train, data.y_train, optimizer=opt, batch_size=batch_size, rng=rng, on_batch=bar.update)
             except BnfoldError as exc:
                 raise BnfoldError(f"training diverged in epoch {epoch} (try a smaller --lr than {lr}): {exc}") from None
+        if show_bar:
+            sys.stderr.write(_ERASE_PREVIOUS_LINE)  # the epoch's summary line takes the bar's place
         if not math.isfinite(loss):
             raise BnfoldError(f"training diverged in epoch {epoch}: loss is {loss} (try a smaller --lr than {lr})")
         evaluation = evaluate(model, data.x_test, data.y_test, x_train=data.x_train, batch_size=batch_size)
