@@ -17,6 +17,7 @@ folded parameters; eps32 = 2u is taken for u to keep first-order slack).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -258,3 +259,24 @@ def test_fold_overflow_is_refused() -> None:
     bn.moving_var = np.array([1e-12, 1.0])
     with pytest.raises(BnfoldError, match="overflows float32"):
         export_onnx(Sequential([Dense(2, 2, use_bias=False, rng=np.random.default_rng(0)), bn]), fold=True)
+
+
+SHIPPED_NPZ = Path(__file__).resolve().parents[1] / "models" / "digits_mlp.npz"
+SHIPPED_ONNX = SHIPPED_NPZ.with_suffix(".onnx")
+
+
+def test_shipped_onnx_is_the_export_of_the_shipped_checkpoint() -> None:
+    from bnfold.fold import fold
+    from bnfold.nn.checkpoint import load_checkpoint
+    from bnfold.nn.data import load_digits
+
+    assert SHIPPED_ONNX.read_bytes() == export_onnx(SHIPPED_NPZ).SerializeToString()
+    shipped = onnx.load(SHIPPED_ONNX)
+    onnx.checker.check_model(shipped, full_check=True)
+    model = load_checkpoint(SHIPPED_NPZ)
+    x = load_digits().x_test
+    truth = model.forward(x.astype(np.float64), training=False)
+    bound = error_bound(model, x)
+    for y in (run(shipped, x), run(fold(shipped)[0], x), run(export_onnx(model, fold=True), x)):
+        assert (np.abs(y - truth) - bound).max() <= 0
+        np.testing.assert_array_equal(y.argmax(axis=1), truth.argmax(axis=1))
