@@ -125,6 +125,31 @@ def upcast_bf16(m):
     return out
 
 
+def _inference_batchnorm():
+    """BatchNormalization in inference mode, closed form, channels on axis 1.
+
+    Replaces onnx.reference's BatchNormalization-9, which uses batch statistics whenever the
+    ``momentum`` attribute has its default value (it then is not an inference reference).
+    """
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, training_mode=None,
+                 is_test=None, spatial=None, consumed_inputs=None):
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            eps = 1e-5 if epsilon is None else epsilon  # ONNX default
+
+            def per_channel(a):
+                return np.asarray(a).reshape(-1).reshape(shape)
+
+            y = per_channel(scale) * (x - per_channel(mean)) / np.sqrt(per_channel(var) + eps) + per_channel(bias)
+            return (y.astype(x.dtype),)
+
+    return BatchNormalization
+
+
 def run(m, feeds):
     """Outputs of ``m`` on ``feeds``: onnxruntime (optimizations off), see the module docstring."""
     import onnxruntime as ort
@@ -143,7 +168,8 @@ def run(m, feeds):
             raise
         from onnx.reference import ReferenceEvaluator
 
-        return [np.asarray(o) for o in ReferenceEvaluator(m).run(None, feeds)]
+        evaluator = ReferenceEvaluator(m, new_ops=[_inference_batchnorm()])
+        return [np.asarray(o) for o in evaluator.run(None, feeds)]
     return session.run(None, feeds)
 
 
