@@ -280,3 +280,16 @@ def test_shipped_onnx_is_the_export_of_the_shipped_checkpoint() -> None:
     for y in (run(shipped, x), run(fold(shipped)[0], x), run(export_onnx(model, fold=True), x)):
         assert (np.abs(y - truth) - bound).max() <= 0
         np.testing.assert_array_equal(y.argmax(axis=1), truth.argmax(axis=1))
+
+
+def test_every_supported_opset_exports_and_runs() -> None:
+    from bnfold.export import onnx_max_opset
+
+    assert MIN_OPSET == 9 and DEFAULT_OPSET <= max_opset() <= onnx_max_opset()
+    model = make_model("keras", seed=2)
+    x = np.random.default_rng(4).standard_normal((3, 20)).astype(np.float32)
+    truth = model.forward(x.astype(np.float64), training=False)
+    for opset in range(MIN_OPSET, max_opset() + 1):
+        exported = export_onnx(model, opset=opset)
+        onnx.checker.check_model(exported, full_check=True)
+        assert (np.abs(run(exported, x) - truth) - error_bound(model, x)).max() <= 0, opset

@@ -240,3 +240,11 @@ def test_find_culprits_blames_an_interacting_group() -> None:
     # Fails only when both "a" and "d" are applied: neither half fails alone.
     culprits = find_culprits(items, lambda subset: {"a", "d"} <= subset)
     assert {"a", "d"} <= set(culprits)
+
+
+def test_float16_models_use_float16_tolerances() -> None:
+    # float16 carries about 3 decimal digits: a 0.2 % change in c passes rtol 1e-2, 5 % does not.
+    reference = scale_model(2.0, dtype=TensorProto.FLOAT16)
+    close = verify(reference, scale_model(2.004, dtype=TensorProto.FLOAT16), batch=8)
+    assert close.ok and close.outputs[0].dtype == "float16" and close.outputs[0].rtol == 1e-2
+    assert not verify(reference, scale_model(2.1, dtype=TensorProto.FLOAT16), batch=8).ok

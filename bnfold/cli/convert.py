@@ -76,7 +76,8 @@ def _write(model: onnx.ModelProto, out: Path, *, external: bool, check: bool) ->
     in_memory = model.ByteSize() <= _PROTOBUF_LIMIT
     if check and in_memory:
         _check(model, out)
-    save_model(model, out, external_data=external)
+    # None lets save_model choose external data when the folded model exceeds 2 GB.
+    save_model(model, out, external_data=True if external else None)
     if check and not in_memory:  # the checker reads models over 2 GB only from a file
         _check(str(out), out, written=True)
 
@@ -89,8 +90,11 @@ def _check_paths(input_path: Path, out: Path, *, force: bool, in_place: bool, js
     if same and not in_place:
         raise BnfoldError(f"{out}: output is the same file as the input; use --in-place to allow it")
     check_output_path(out, overwrite=force or same, inputs=() if same else (input_path,))
-    if json_path is not None and Path(json_path).resolve() in (out.resolve(), input_path.resolve()):
-        raise BnfoldError(f"{json_path}: the JSON report path equals the input or the output model")
+    if json_path is not None:
+        if Path(json_path).resolve() in (out.resolve(), input_path.resolve()):
+            raise BnfoldError(f"{json_path}: the JSON report path equals the input or the output model")
+        # Checked now, so that a bad report path fails before any work, not after OUT is written.
+        check_output_path(json_path, overwrite=True)
 
 
 def _fold(model: onnx.ModelProto, options: dict[str, Any], exclude: frozenset[str] = frozenset()):
