@@ -27,6 +27,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -84,11 +85,14 @@ def _builders():
 def seed_models() -> dict[str, bytes]:
     """The valid models every case starts from, serialized."""
     b = _builders()
-    return {
+    seeds = {
         "conv_bn": b.conv_bn().SerializeToString(),
         "gemm_bn": b.gemm_bn().SerializeToString(),
         "matmul_bn": b.matmul_bn().SerializeToString(),
     }
+    for i in range(3):
+        seeds[f"random_foldable_{i}"] = b.random_foldable(np.random.default_rng(100 + i)).SerializeToString()
+    return seeds
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,7 +295,7 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT) -> Outcome:
+def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT, decompose_rest: bool = False) -> Outcome:
     """Run load -> fold -> verify on `data`; return the outcome or raise `Finding`.
 
     Invariants checked: only `BnfoldError` may escape bnfold; `fold` does not modify its input
@@ -310,15 +314,24 @@ def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT) 
             model = load_model(path)
             stage = "fold"
             before = model.SerializeToString()
-            folded, report = fold(model)
+            folded, report = fold(model, decompose_rest=decompose_rest)
             if model.SerializeToString() != before:
                 raise Finding("fold", "fold() modified its input model")
             stage = "verify"
-            result = verify(model, folded, batch=2, threads=1, max_bytes=VERIFY_MAX_BYTES)
+            options = {"batch": 2, "threads": 1, "max_bytes": VERIFY_MAX_BYTES}
+            try:
+                result = verify(model, folded, **options)
+            except BnfoldError:
+                # Refusing is right only if the input itself cannot be run; if it can, the fold
+                # produced something onnxruntime rejects: a bug.
+                stage = "verify-input"
+                verify(model, model, **options)
+                raise Finding("verify", "the input runs but its folded model is refused: "
+                              + traceback.format_exc().strip().splitlines()[-1], traceback.format_exc()) from None
             if not result.ok:
                 raise Finding("verify", "folded model does not verify: " + " | ".join(result.lines()))
     except BnfoldError as exc:
-        return Outcome(f"refused:{stage}", str(exc))
+        return Outcome(f"refused:{'verify' if stage == 'verify-input' else stage}", str(exc))
     except Finding:
         raise
     except _CaseTimeout:
@@ -335,19 +348,23 @@ def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT) 
     return Outcome("verified", "", report.folded, report.total)
 
 
-def random_case(rng: np.random.Generator, seeds: dict[str, bytes]) -> tuple[str, bytes, str]:
-    """Draw one mutated model: (seed name, bytes, description of the mutations)."""
+def random_case(rng: np.random.Generator, seeds: dict[str, bytes], proto_share: float = 0.5) -> tuple[str, bytes, str]:
+    """Draw one mutated model: (seed name, bytes, description of the mutations).
+
+    With probability `proto_share` the parsed model is mutated first; byte mutations follow
+    with probability 0.25 (always when there was no structural mutation).
+    """
     name = list(seeds)[int(rng.integers(len(seeds)))]
     data = seeds[name]
     parts = []
-    if rng.random() < 0.5:
+    if rng.random() < proto_share:
         ops = [
             (str(rng.choice(PROTO_OPS)), tuple(int(v) for v in rng.integers(0, 1000, 3)))
             for _ in range(int(rng.integers(1, 4)))
         ]
         data = apply_proto_ops(data, ops)
         parts.append(f"proto{ops}")
-    if rng.random() < 0.6 or not parts:
+    if rng.random() < (0.25 if parts else 1.0):
         ops = [
             (str(rng.choice(BYTE_OPS)), float(rng.random()), rng.bytes(int(rng.integers(1, 9))))
             for _ in range(int(rng.integers(1, 5)))
@@ -366,6 +383,7 @@ class Summary:
     cases: int = 0
     seconds: float = 0.0
     outcomes: Counter = field(default_factory=Counter)
+    messages: Counter = field(default_factory=Counter)
     findings: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -373,6 +391,7 @@ class Summary:
             "cases": self.cases,
             "seconds": round(self.seconds, 1),
             "outcomes": dict(self.outcomes.most_common()),
+            "refusals": dict(self.messages.most_common(40)),
             "distinct_findings": len(self.findings),
             "findings": list(self.findings.values()),
         }
@@ -385,12 +404,26 @@ class Summary:
             "|---|---|",
             *(f"| {k} | {v} |" for k, v in self.outcomes.most_common()),
             "",
+            "## Most frequent refusals (message with file names and numbers masked)",
+            "",
+            "| stage: message | cases |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in self.messages.most_common(25)),
+            "",
             f"## Distinct findings: {len(self.findings)}",
         ]
         for item in self.findings.values():
             lines += ["", f"### {item['key']} ({item['count']} cases)", f"- input: `{item['file']}`",
                       f"- mutation: `{item['mutation'][:400]}`", "```", item["traceback"][-3000:] or item["detail"], "```"]
         return "\n".join(lines) + "\n"
+
+
+def _mask(message: str) -> str:
+    """A refusal message reduced to its kind: no path, numbers or quoted names, 90 characters."""
+    text = re.sub(r"^\S*case\.onnx:? ?", "", message)
+    text = re.sub(r"'[^']*'", "'_'", text)
+    text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", text)
+    return text.replace("|", "/")[:90]
 
 
 def _finding_key(finding: Finding) -> str:
@@ -403,7 +436,8 @@ def _finding_key(finding: Finding) -> str:
     return f"{finding.stage} | {kind} | {where}"
 
 
-def fuzz(cases: int, time_limit: float, seed: int, out: Path, on_progress: Callable[[Summary], None] | None = None) -> Summary:
+def fuzz(cases: int, time_limit: float, seed: int, out: Path, on_progress: Callable[[Summary], None] | None = None,
+         proto_share: float = 0.5) -> Summary:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     seeds = seed_models()
@@ -411,11 +445,15 @@ def fuzz(cases: int, time_limit: float, seed: int, out: Path, on_progress: Calla
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bnfold-fuzz-") as tmp:
         while summary.cases < cases and time.monotonic() - start < time_limit:
-            name, data, mutation = random_case(rng, seeds)
+            name, data, mutation = random_case(rng, seeds, proto_share)
             summary.cases += 1
+            decompose = summary.cases % 2 == 0  # half the cases also exercise decompose_rest
+            mutation += " + decompose_rest" if decompose else ""
             try:
-                outcome = run_case(data, Path(tmp))
+                outcome = run_case(data, Path(tmp), decompose_rest=decompose)
                 summary.outcomes[outcome.status] += 1
+                if outcome.message:
+                    summary.messages[f"{outcome.status}: {_mask(outcome.message)}"] += 1
             except Finding as finding:
                 summary.outcomes[f"FINDING:{finding.stage}"] += 1
                 key = _finding_key(finding)
@@ -448,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=1800.0, help="stop after this many seconds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator drawing the cases")
     parser.add_argument("--out", type=Path, default=Path("fuzz-report"), help="folder for the summary and reproducers")
+    parser.add_argument("--proto-share", type=float, default=0.5,
+                        help="fraction of cases whose parsed model is mutated before any byte mutation")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("bnfold").setLevel(logging.CRITICAL)
@@ -455,7 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(summary: Summary) -> None:
         print(f"{summary.cases} cases, {summary.seconds:.0f} s, {dict(summary.outcomes)}", flush=True)
 
-    summary = fuzz(args.cases, args.time_limit, args.seed, args.out, progress)
+    summary = fuzz(args.cases, args.time_limit, args.seed, args.out, progress, args.proto_share)
+    summary_args = vars(args) | {"out": str(args.out)}
+    (args.out / "args.json").write_text(json.dumps(summary_args, indent=2))
     print(summary.markdown())
     return 1 if summary.findings else 0
 

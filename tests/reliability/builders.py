@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["gemm_bn", "conv_bn", "matmul_bn", "bn_params", "runtime_weight_conv_bn", "cycle_model"]
+__all__ = [
+    "gemm_bn", "conv_bn", "matmul_bn", "bn_params", "runtime_weight_conv_bn", "cycle_model", "random_foldable",
+]
 
 OPSET = 17
 
@@ -155,3 +157,66 @@ def cycle_model(rng: np.random.Generator | None = None) -> onnx.ModelProto:
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4]))
     return model
+
+
+def random_foldable(rng: np.random.Generator) -> onnx.ModelProto:
+    """A random chain of linear op -> BN (-> Relu) layers that bnfold can fold exactly.
+
+    Either an MLP (each layer one of Gemm with transB 0/1 and optional bias, MatMul, MatMul + Add)
+    or a CNN (Conv with random kernel size, padding, stride, optional bias), 1 to 3 layers of 1 to
+    6 channels, positive variances, epsilon in [1e-5, 1e-2].
+    """
+    cnn = bool(rng.integers(2))
+    layers = int(rng.integers(1, 4))
+    widths = [int(w) for w in rng.integers(1, 7, layers + 1)]
+    nodes, inits = [], []
+    current = "x"
+
+    def const(array: np.ndarray, name: str) -> str:
+        inits.append(numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        z = f"z{i}"
+        if cnn:
+            k = int(rng.choice([1, 3]))
+            inputs = [current, const(rng.normal(0, 0.5, (c_out, c_in, k, k)), f"conv{i}.W")]
+            if rng.integers(2):
+                inputs.append(const(rng.normal(0, 0.1, c_out), f"conv{i}.b"))
+            nodes.append(helper.make_node("Conv", inputs, [z], name=f"conv{i}", pads=[k // 2] * 4))
+        else:
+            kind = str(rng.choice(["gemm", "gemm_t", "matmul", "matmul_add"]))
+            if kind.startswith("gemm"):
+                trans = kind == "gemm_t"
+                shape = (c_out, c_in) if trans else (c_in, c_out)
+                inputs = [current, const(rng.normal(0, 0.5, shape), f"gemm{i}.W")]
+                if rng.integers(2):
+                    inputs.append(const(rng.normal(0, 0.1, c_out), f"gemm{i}.b"))
+                nodes.append(helper.make_node("Gemm", inputs, [z], name=f"gemm{i}", transB=int(trans)))
+            else:
+                mm = z if kind == "matmul" else f"mm{i}"
+                nodes.append(helper.make_node("MatMul", [current, const(rng.normal(0, 0.5, (c_in, c_out)), f"mm{i}.W")],
+                                              [mm], name=f"mm{i}"))
+                if kind == "matmul_add":
+                    nodes.append(helper.make_node("Add", [mm, const(rng.normal(0, 0.1, c_out), f"add{i}.b")], [z],
+                                                  name=f"add{i}"))
+        params = bn_params(c_out, rng)
+        params["var"] = rng.uniform(0.05, 3.0, c_out).astype(np.float32)
+        t = f"t{i}"
+        bn, bn_inits = _bn_node(z, t, params, f"bn{i}", float(10 ** rng.uniform(-5, -2)))
+        nodes.append(bn)
+        inits.extend(bn_inits)
+        current = f"y{i}"
+        if rng.integers(2):
+            nodes.append(helper.make_node("Relu", [t], [current], name=f"relu{i}"))
+        else:
+            nodes.append(helper.make_node("Identity", [t], [current], name=f"id{i}"))
+    nodes[-1].output[0] = "y"
+    shape_in = ["N", widths[0], 4, 4] if cnn else ["N", widths[0]]
+    shape_out = ["N", widths[-1], 4, 4] if cnn else ["N", widths[-1]]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)],
+        inits,
+    )
