@@ -84,7 +84,7 @@ def _epoch_line(result: Any, epochs: int) -> str:
 @click.option("--convention", type=click.Choice(["keras", "torch"]), default="keras", show_default=True, help="Moving-statistics convention of the BN layers.")
 @click.option("--hidden", default="128,64", show_default=True, help="Comma-separated widths of the hidden Dense+BN+activation blocks.")
 @click.option("--activation", type=click.Choice(["relu", "leaky_relu"]), default="relu", show_default=True, help="Activation after each BN.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generator for initial weights and shuffling.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the generator for initial weights and shuffling.")
 @click.option(
     "--recompute-stats",
     is_flag=True,

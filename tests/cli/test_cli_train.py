@@ -106,6 +106,8 @@ def test_refuses_to_overwrite_without_force(capsys, tmp_path):
         (("--momentum", "cumulative"), "only the torch convention"),
         (("--batch-size", "1"), "--batch-size"),
         (("--optimizer", "rmsprop"), "--optimizer"),
+        (("--seed", "-1"), "--seed"),
+        (("--hidden", ""), "--hidden ''"),
         (("--lr", "1e6", "--epochs", "1"), "training diverged in epoch 1"),
     ],
 )
