@@ -1,0 +1,92 @@
+"""The fold formula, without ONNX: folded linear layer == linear layer followed by BN.
+
+Reference: the BN inference equation ``gamma * (z - mean) / sqrt(var + eps) + beta`` applied to
+``z = x W + b`` in float64 (``numpy.longdouble`` where it is wider, for the tiny-variance case).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from bnfold.fold.algebra import bn_affine, check_representable, fold_affine, fold_batchnorm
+
+
+def _bn(z, gamma, beta, mean, var, eps, axis):
+    shape = [1] * z.ndim
+    shape[axis] = -1
+    r = lambda a: np.asarray(a).reshape(shape)  # noqa: E731
+    return r(gamma) * (z - r(mean)) / np.sqrt(r(var) + eps) + r(beta)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_fold_matches_bn(with_bias):
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((7, 5)), rng.standard_normal((5, 3))
+    b = rng.standard_normal(3) if with_bias else None
+    gamma, beta, mean, var = rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(3), rng.uniform(0.1, 2, 3)
+    z = x @ w + (0 if b is None else b)
+    ref = _bn(z, gamma, beta, mean, var, 1e-3, axis=1)
+    w2, b2 = fold_batchnorm(w, b, gamma, beta, mean, var, 1e-3, axis=1)
+    # float64 throughout: a few ulp of the output scale.
+    np.testing.assert_allclose(x @ w2 + b2, ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+
+
+def test_conv_style_axis0():
+    """Per-output-filter scaling on axis 0 equals scaling the filter's response."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 2, 3))
+    scale, shift = rng.standard_normal(4), rng.standard_normal(4)
+    w2, b2 = fold_affine(w, None, scale, shift, axis=0)
+    for o in range(4):
+        np.testing.assert_array_equal(w2[o], w[o] * scale[o])
+    np.testing.assert_array_equal(b2, shift)
+
+
+def test_bias_formula_when_bias_exists():
+    """b' = beta + (b - mean) * s, not b + ..."""
+    scale, shift = bn_affine([2.0], [0.5], [1.0], [3.0], 1.0)  # s = 2 / sqrt(4) = 1
+    _, b2 = fold_affine(np.ones((1, 1)), np.array([4.0]), scale, shift, axis=0)
+    assert b2[0] == 0.5 + (4.0 - 1.0) * 1.0
+
+
+def test_float16_computed_in_float64():
+    """The float16 result is the float64 result rounded once."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((3, 4)).astype(np.float16)
+    gamma = np.array([3.0, 0.1, 7.0, 1.0], dtype=np.float16)
+    var = np.array([1e-4, 2.0, 3e-3, 1.0], dtype=np.float16)
+    zeros = np.zeros(4, dtype=np.float16)
+    w2, b2 = fold_batchnorm(w, None, gamma, zeros, zeros, var, 1e-5, axis=1)
+    expected = (w.astype(np.float64) * (gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5))).astype(np.float16)
+    assert w2.dtype == np.float16
+    np.testing.assert_array_equal(w2, expected)
+
+
+def test_tiny_variance_is_exact_in_float64():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 2))
+    var, eps = np.array([1e-12, 1e-8]), 1e-9
+    gamma, beta, mean = np.ones(2), np.zeros(2), np.array([0.3, -0.2])
+    w2, b2 = fold_batchnorm(w, None, gamma, beta, mean, var, eps, axis=1)
+    x = rng.standard_normal((5, 6))
+    ld = np.longdouble
+    ref = _bn(x.astype(ld) @ w.astype(ld), gamma, beta, mean, var.astype(ld), ld(eps), axis=1)
+    got = x @ w2 + b2
+    np.testing.assert_allclose(got, ref.astype(np.float64), rtol=1e-12, atol=1e-12 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("dtype,value,ok", [
+    (np.float16, 65504.0, True), (np.float16, 70000.0, False), (np.float32, 1e39, False),
+    (ml_dtypes.bfloat16, 1e38, True), (ml_dtypes.bfloat16, 4e38, False), (np.float64, 1e300, True),
+])
+def test_check_representable(dtype, value, ok):
+    reason = check_representable(np.array([1.0, -value]), dtype)
+    assert (reason is None) == ok
+    if not ok:
+        assert "overflows" in reason
+
+
+def test_check_representable_nonfinite():
+    assert "not finite" in check_representable(np.array([np.nan]), np.float32)
