@@ -182,19 +182,13 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
     OUT is verified against IN in onnxruntime before it is written. Exit code 0 on success,
     1 if verification failed (OUT is then not written), 2 on usage or input errors.
     """
-    from bnfold.io import load_model
-
     started = time.perf_counter()
     source = Path(input_path)
     if output_path is None and not in_place:
         raise BnfoldError("missing -o/--output (or give --in-place to replace IN)")
     out = Path(output_path) if output_path is not None else source
     _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
-
-    model = load_model(source)
-    external = model.ByteSize() > source.stat().st_size or model.ByteSize() > _PROTOBUF_LIMIT
-    extra_files = _external_files(source) if model.ByteSize() > source.stat().st_size else []
-    size_before = _disk_size(source, extra_files)
+    model, external, size_before = _load(source)
     loaded = time.perf_counter()
 
     fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
@@ -205,22 +199,11 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
                               "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
     verification = None
     if not no_verify:
-        from bnfold.verify import verify
-
-        options = verify_kwargs(params)
-        verification = verify(model, folded, **options)
-        if not verification.ok:
-            culprits = _localize(model, report, fold_options, options)
-            result["culprits"] = culprits or []
-            if culprits and keep_failing_unfolded:
-                folded, report = _fold(model, fold_options, frozenset(culprits))
-                verification = verify(model, folded, **options)
-                result["kept_unfolded"] = culprits if verification.ok else []
+        folded, report, verification = _verify(model, folded, report, fold_options, verify_kwargs(params),
+                                               keep_failing_unfolded, result)
         verification.reference, verification.candidate = str(source), str(out)
-        result["verification"] = verification.to_dict()
-        result["max_abs_error"] = verification.max_abs
+        result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok)
     verify_done = time.perf_counter()
-
     result.update({
         "bn_folded": report.folded,
         "bn_total": report.total,
@@ -229,26 +212,64 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
         "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
         "size_bytes": {"before": size_before, "after": None},
     })
-    if verification is not None and not verification.ok:
-        result["ok"] = False
+
+    if not result["ok"]:
         result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
         for line in verification.lines():
             click.echo(line)
         if json_path is not None:
             write_json(json_path, result)
-        blame = (f"; responsible folds: {_describe(report, result['culprits'])}" if result["culprits"]
-                 else "; no single fold could be blamed")
-        hint = "" if keep_failing_unfolded or not result["culprits"] else "; --keep-failing-unfolded writes OUT with them unfolded"
-        raise VerificationError(f"{out}: not written: verification failed: {verification.summary()}{blame}{hint}",
+        raise VerificationError(_failure_message(out, verification, report, result["culprits"], keep_failing_unfolded),
                                 verification)
 
     _write(folded, out, external=external, check=check)
-    result["size_bytes"]["after"] = _disk_size(out, _external_files(out) if external else [])
+    sidecars = _external_files(out) if external or folded.ByteSize() > _PROTOBUF_LIMIT else []
+    result["size_bytes"]["after"] = _disk_size(out, sidecars)
     result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
     for line in _summary_lines(result, report):
         click.echo(line)
     if json_path is not None:
         write_json(json_path, result)
+
+
+def _load(source: Path) -> tuple[onnx.ModelProto, bool, int]:
+    """The model, whether OUT should use external data, and IN's size on disk (with its data)."""
+    from bnfold.io import load_model
+
+    model = load_model(source)
+    # load_model reads external tensors into memory: a model larger in memory than its file had them.
+    had_external = model.ByteSize() > source.stat().st_size
+    size = _disk_size(source, _external_files(source) if had_external else [])
+    return model, had_external or model.ByteSize() > _PROTOBUF_LIMIT, size
+
+
+def _verify(model: onnx.ModelProto, folded: onnx.ModelProto, report: Any, fold_options: dict[str, Any],
+            verify_options: dict[str, Any], keep_failing_unfolded: bool, result: dict[str, Any]):
+    """Verify ``folded``; on failure name the responsible folds and, if asked, refold without them."""
+    from bnfold.verify import verify
+
+    verification = verify(model, folded, **verify_options)
+    if verification.ok:
+        return folded, report, verification
+    culprits = _localize(model, report, fold_options, verify_options) or []
+    result["culprits"] = culprits
+    if culprits and keep_failing_unfolded:
+        retry, retry_report = _fold(model, fold_options, frozenset(culprits))
+        retry_verification = verify(model, retry, **verify_options)
+        if retry_verification.ok:
+            result["kept_unfolded"] = culprits
+            return retry, retry_report, retry_verification
+    return folded, report, verification
+
+
+def _failure_message(out: Path, verification: Any, report: Any, culprits: list[str], keep_failing_unfolded: bool) -> str:
+    message = f"{out}: not written: verification failed: {verification.summary()}"
+    if not culprits:
+        return message + "; no single fold could be blamed"
+    message += f"; responsible folds: {_describe(report, culprits)}"
+    if not keep_failing_unfolded:
+        message += "; --keep-failing-unfolded writes OUT with them unfolded"
+    return message
 
 
 def _timing(started: float, loaded: float, folded: float, verified: float, finished: float) -> dict[str, float]:

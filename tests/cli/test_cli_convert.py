@@ -282,3 +282,18 @@ def test_readme_command_twice_and_fast(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert "BN folded 2 of 2" in result.stdout
         assert elapsed < 3.0, f"README command took {elapsed:.2f} s"
+
+
+def test_fold_options_pass_through(model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = bnfold.fold.fold
+    seen = []
+
+    def recording(model, **kwargs):
+        seen.append(kwargs)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(bnfold.fold, "fold", recording)
+    code, _, stderr = bnfold_cli("convert", model_path, "-o", tmp_path / "o.onnx", "--decompose-rest",
+                                 "--keep-initializer-inputs", "--check")
+    assert code == 0, stderr
+    assert seen == [{"exclude": frozenset(), "decompose_rest": True, "keep_initializer_inputs": True}]
