@@ -1,0 +1,307 @@
+"""Fold a BatchNormalization into the linear node that reads its output (BN in front of it).
+
+With ``BN(x) = s * x + t`` per input channel ``c`` and a linear consumer
+``y[o] = sum_{c, k} W[o, c, k] x[c, k] + b[o]``::
+
+    W'[o, c, k] = W[o, c, k] * s[c]          b'[o] = b[o] + sum_{c, k} W[o, c, k] * t[c]
+
+(`bnfold.fold.algebra.fold_affine_into_consumer`). Tried only after the fold into the producer
+(`bnfold.fold.into_producer`) found nothing to fold into.
+
+Rules (cited in the code as "rule N"):
+
+1. The BN output feeds exactly one node, as its data input (input 0), and is not a graph output.
+2. ``Conv``: the weight is (C_out, C_in/group, k...) (ONNX Conv spec), input channels are weight
+   axis 1, and channel ``c`` belongs to group ``c // (C_in/group)``. Exact only if no padded
+   zero enters a sum: explicit ``pads`` all zero, or ``auto_pad`` VALID, or ``auto_pad`` SAME_*
+   with every kernel extent 1 (the SAME padding is then zero for any input size and stride).
+   Otherwise skipped: padded zeros would not be normalized.
+3. ``ConvTranspose`` is skipped: each output position sums a different set of kernel taps
+   (fewer at the borders, and a stride-dependent subset inside), so the shift ``t`` does not
+   become one bias per channel.
+4. ``Gemm`` with ``transA = 0``: ``Y = alpha * A B + beta * C``, BN channels are the contraction
+   axis (B axis 0, or 1 with ``transB``). ``B' = B * s`` (alpha stays), and
+   ``C' = beta * C + alpha * (t B)`` with ``beta = 1``; ``C`` may be absent or any shape that
+   broadcasts to (M, N). ``transA = 1`` makes BN's channel axis the row axis: skipped.
+5. ``MatMul`` with a constant 2-D weight (K, N), when the BN input is known to be rank 2 (BN
+   normalizes axis 1, the contraction axis only for rank 2): one ``Gemm(x, W', b')`` keeping
+   the MatMul's name.
+6. Weights, biases and BN parameters must be constants; folded values are computed in float64,
+   cast once to the weight's dtype and checked for overflow (`GraphIndex.cast_folded`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from bnfold.fold.algebra import fold_affine_into_consumer
+from bnfold.fold.graph import (
+    BatchNormParams,
+    GraphIndex,
+    Rewrite,
+    Skip,
+    get_attr,
+    node_label,
+    pattern,
+    replace_node,
+)
+
+__all__ = ["PATTERNS", "fold_into_consumer"]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+@pattern("bn-into-consumer", "BatchNormalization")
+def fold_into_consumer(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | None:
+    """Fold BN ``node`` into the Conv / Gemm / MatMul that reads its output."""
+    y = node.output[0]
+    if index.is_graph_output(y):
+        return Skip(f"BN output '{y}' is a graph output")
+    users = index.users(y)
+    linear = [user for user in users if not _reads_dtype_for_bias_of(user, y, users, index)]
+    if len(linear) != 1:
+        return Skip(f"BN output '{y}' is read by {len(linear)} nodes, not one linear node")
+    consumer = linear[0]
+    handler = _CONSUMERS.get(consumer.op_type) if consumer.domain in _DEFAULT_DOMAINS else None
+    if handler is None:
+        return Skip(f"consumer {consumer.op_type} '{node_label(consumer)}' is not a linear node bnfold folds into")
+    if consumer.input[0] != y or y in consumer.input[1:]:
+        return Skip(f"BN output is not only the data input of {consumer.op_type} '{node_label(consumer)}'")  # rule 1
+    params = index.read_batchnorm(node)
+    if isinstance(params, Skip):
+        return params
+    return handler(node, consumer, params, index)
+
+
+#: Ops through which a computed bias reaches its Conv / Gemm (see `_reads_dtype_for_bias_of`).
+_BIAS_PATH_OPS = frozenset({"Expand", "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze"})
+
+
+def _reads_dtype_for_bias_of(user: onnx.NodeProto, y: str, users, index: GraphIndex) -> bool:
+    """Rule 1's one exception: ``CastLike(c, y)`` reads ``y`` for its element type only.
+
+    PyTorch's ``dynamo=True`` exporter writes a missing bias of the layer after the BN as
+    ``Expand(CastLike(0, y), shape)``. It is not a reader of the BN's values if its result
+    reaches nothing but the bias input of another reader of ``y`` (which the fold replaces, so
+    the whole computed bias is dropped with it).
+    """
+    if user.op_type != "CastLike" or user.domain not in _DEFAULT_DOMAINS or list(user.input[1:]) != [y]:
+        return False
+    if user.input[0] == y:
+        return False
+    name = user.output[0]
+    for _ in range(8):
+        if index.is_graph_output(name):
+            return False
+        readers = index.users(name)
+        if len(readers) != 1:
+            return False
+        (reader,) = readers
+        if any(reader is u for u in users) and reader is not user and list(reader.input[2:3]) == [name] and name not in reader.input[:2]:
+            return True
+        if reader.op_type not in _BIAS_PATH_OPS or reader.domain not in _DEFAULT_DOMAINS:
+            return False
+        name = reader.output[0]
+    return False
+
+
+def _weight(index: GraphIndex, consumer: onnx.NodeProto) -> tuple[str, np.ndarray, int] | Skip:
+    name = consumer.input[1] if len(consumer.input) > 1 else ""
+    if not name:
+        return Skip(f"{consumer.op_type} '{node_label(consumer)}' has no weight input")
+    value = index.constant(name)
+    if value is None:
+        return Skip(f"weight is not constant: {index.nonconstant_reason(name)}")
+    elem_type = index.elem_type(name)
+    if elem_type not in _FLOATS:
+        return Skip(f"weight '{name}' has element type {elem_type}, not a float type")
+    return name, value, elem_type
+
+
+def _bias(index: GraphIndex, consumer: onnx.NodeProto) -> tuple[str | None, np.ndarray | None] | Skip:
+    name = consumer.input[2] if len(consumer.input) > 2 and consumer.input[2] else None
+    if name is None:
+        return None, None
+    value = index.constant(name)
+    if value is None:
+        return Skip(f"bias is not constant: {index.nonconstant_reason(name)}")
+    return name, value
+
+
+def _conv_padding_reason(consumer: onnx.NodeProto, kernel: tuple[int, ...]) -> str | None:
+    """Rule 2: why padded zeros could enter the convolution, or None."""
+    auto_pad = get_attr(consumer, "auto_pad", b"NOTSET")  # ONNX Conv default: NOTSET (explicit pads)
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if all(k == 1 for k in kernel):
+            return None
+        return f"Conv auto_pad is {auto_pad}: padded zeros would not be normalized"
+    if auto_pad == "VALID":
+        return None
+    pads = get_attr(consumer, "pads")
+    if pads is not None and any(int(p) != 0 for p in pads):
+        return "Conv pads are non-zero: padded zeros would not be normalized"
+    return None
+
+
+def _finish(
+    node: onnx.NodeProto,
+    consumer: onnx.NodeProto,
+    params: BatchNormParams,
+    index: GraphIndex,
+    *,
+    weight: tuple[str, np.ndarray],
+    bias: tuple[str | None, np.ndarray],
+    elem_type: int,
+    make_node,
+) -> Rewrite | Skip:
+    """Cast the float64 results, reserve names, and build the Rewrite (rule 6)."""
+    (weight_name, weight64), (bias_name, bias64) = weight, bias
+    cast_w = index.cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
+    if isinstance(cast_w, Skip):
+        return cast_w
+    cast_b = index.cast_folded(bias64, elem_type, "folded bias")
+    if isinstance(cast_b, Skip):
+        return cast_b
+    hint = consumer.name or consumer.output[0]
+    new_w = index.fresh_name(f"{weight_name}_folded")
+    new_b = index.fresh_name(f"{bias_name}_folded" if bias_name else f"{hint}_bias_folded")
+    tensor_map = {weight_name: new_w}
+    if bias_name:
+        tensor_map[bias_name] = new_b
+    names = params.names
+    # gamma and var set the scale (weight); beta and mean only reach the bias.
+    for role, target in (("scale", new_w), ("var", new_w), ("bias", new_b), ("mean", new_b)):
+        tensor_map.setdefault(names[role], target)
+    new_node = make_node(new_w, new_b)
+    return Rewrite(
+        into=node_label(consumer), remove=[node], replace=[(consumer, [new_node])],
+        constants={new_w: cast_w[0], new_b: cast_b[0]}, tensor_map=tensor_map,
+        subnormals=cast_w[1] + cast_b[1],
+    )
+
+
+def _fold_conv(node, consumer, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
+    """Rule 2."""
+    found = _weight(index, consumer)
+    if isinstance(found, Skip):
+        return found
+    weight_name, weight, elem_type = found
+    if weight.ndim < 3:
+        return Skip(f"Conv weight '{weight_name}' has rank {weight.ndim}")
+    reason = _conv_padding_reason(consumer, tuple(weight.shape[2:]))
+    if reason is not None:
+        return Skip(reason)
+    group = int(get_attr(consumer, "group", 1))  # ONNX Conv default: 1
+    c_out, c_in_group = weight.shape[:2]
+    if c_in_group * group != params.channels or c_out % group:
+        return Skip(
+            f"Conv '{node_label(consumer)}' reads {c_in_group * group} input channels (group {group}),"
+            f" BN has {params.channels}"
+        )
+    found_bias = _bias(index, consumer)
+    if isinstance(found_bias, Skip):
+        return found_bias
+    bias_name, bias = found_bias
+    if bias is not None and bias.size not in (1, c_out):
+        return Skip(f"Conv bias '{bias_name}' has shape {bias.shape}")
+    bias_vec = None if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (c_out,))
+    scale, shift = params.affine()
+    weight64, bias64 = fold_affine_into_consumer(weight, bias_vec, scale, shift, in_axis=1, out_axis=0, groups=group)
+    return _finish(
+        node, consumer, params, index, weight=(weight_name, weight64), bias=(bias_name, bias64),
+        elem_type=elem_type,
+        make_node=lambda w, b: replace_node(consumer, inputs=[node.input[0], w, b]),
+    )
+
+
+def _fold_conv_transpose(node, consumer, params: BatchNormParams, index: GraphIndex) -> Skip:
+    """Rule 3."""
+    return Skip(
+        "ConvTranspose after BN: output positions sum different numbers of kernel taps, so the BN"
+        " shift does not become one bias per channel"
+    )
+
+
+def _fold_gemm(node, consumer, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
+    """Rule 4."""
+    if index.opset("") < 7:
+        return Skip("Gemm before opset 7 broadcasts C only with the 'broadcast' attribute")
+    if int(get_attr(consumer, "transA", 0)):  # ONNX Gemm default: transA = 0
+        return Skip("Gemm has transA=1: BN channels would be its rows, not the contraction axis")
+    found = _weight(index, consumer)
+    if isinstance(found, Skip):
+        return found
+    weight_name, weight, elem_type = found
+    if weight.ndim != 2:
+        return Skip(f"Gemm weight '{weight_name}' has rank {weight.ndim}")
+    trans_b = int(get_attr(consumer, "transB", 0))
+    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+    if weight.shape[in_axis] != params.channels:
+        return Skip(f"Gemm '{node_label(consumer)}' contracts {weight.shape[in_axis]} columns, BN has {params.channels}")
+    found_bias = _bias(index, consumer)
+    if isinstance(found_bias, Skip):
+        return found_bias
+    bias_name, bias = found_bias
+    n_out = weight.shape[out_axis]
+    if bias is not None and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, n_out))):
+        return Skip(f"Gemm C '{bias_name}' of shape {bias.shape} does not broadcast to (M, {n_out})")
+    # ONNX Gemm defaults: alpha = beta = 1.
+    alpha = float(get_attr(consumer, "alpha", 1.0))
+    beta = float(get_attr(consumer, "beta", 1.0))
+    scale, shift = params.affine()
+    weight64, delta = fold_affine_into_consumer(weight, None, scale, shift, in_axis=in_axis, out_axis=out_axis)
+    bias64 = alpha * delta
+    if bias is not None:
+        bias64 = beta * np.asarray(bias, dtype=np.float64) + bias64  # broadcasts like C did
+    return _finish(
+        node, consumer, params, index, weight=(weight_name, weight64), bias=(bias_name, bias64),
+        elem_type=elem_type,
+        make_node=lambda w, b: replace_node(consumer, inputs=[node.input[0], w, b], drop_attrs=("beta",)),
+    )
+
+
+def _fold_matmul(node, consumer, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
+    """Rule 5."""
+    if index.opset("") < 7:
+        return Skip("MatMul folding needs Gemm with a broadcasting bias (opset 7 or later)")
+    rank = index.rank(node.input[0])
+    if rank is None:
+        rank = index.rank(node.output[0])
+    if rank is None:
+        return Skip(f"rank of BN input '{node.input[0]}' is unknown (BN channel axis 1 must be the MatMul's contraction axis)")
+    if rank != 2:
+        return Skip(f"BN input has rank {rank}: BN normalizes axis 1, not the MatMul's contraction axis")
+    found = _weight(index, consumer)
+    if isinstance(found, Skip):
+        return found
+    weight_name, weight, elem_type = found
+    if weight.ndim != 2:
+        return Skip(f"MatMul weight '{weight_name}' has rank {weight.ndim}, not 2")
+    if weight.shape[0] != params.channels:
+        return Skip(f"MatMul '{node_label(consumer)}' contracts {weight.shape[0]} rows, BN has {params.channels}")
+    scale, shift = params.affine()
+    weight64, bias64 = fold_affine_into_consumer(weight, None, scale, shift, in_axis=0, out_axis=1)
+
+    def make_gemm(w: str, b: str) -> onnx.NodeProto:
+        gemm = onnx.helper.make_node("Gemm", [node.input[0], w, b], list(consumer.output), name=consumer.name)
+        if consumer.doc_string:
+            gemm.doc_string = consumer.doc_string
+        return gemm
+
+    return _finish(
+        node, consumer, params, index, weight=(weight_name, weight64), bias=(None, bias64),
+        elem_type=elem_type, make_node=make_gemm,
+    )
+
+
+_CONSUMERS = {
+    "Conv": _fold_conv,
+    "ConvTranspose": _fold_conv_transpose,
+    "Gemm": _fold_gemm,
+    "MatMul": _fold_matmul,
+}
+
+PATTERNS = [fold_into_consumer]
