@@ -365,11 +365,11 @@ class BatchNorm:
         -------
         y : ndarray, same shape and dtype as ``x``
         """
+        self._cache = None  # a failed or inference-mode forward leaves nothing to backpropagate
         z, _ = self._canonical(x, "input")
         if training:
             y = self._forward_train(z, x)
         else:
-            self._cache = None
             y = self._forward_infer(z, x)
         return y.reshape(np.shape(x))
 
@@ -406,7 +406,6 @@ class BatchNorm:
                 sum_sq += _channel_dot(block, block)
             var = sum_sq / dtype.type(m)
         if not (np.isfinite(mean).all() and np.isfinite(var).all()):
-            self._cache = None
             self._raise_non_finite(np.asarray(x), "input")
         inv_std = 1.0 / np.sqrt(var + dtype.type(self.eps))
         # x_hat = x_centered * inv_std is never materialized: y and the backward fold inv_std

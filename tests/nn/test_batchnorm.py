@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bnfold.errors import BnfoldError
+from bnfold.nn import batchnorm
 from bnfold.nn.batchnorm import BatchNorm, BatchNormError
 
 # (convention, shape, axis): rank 2-5, channels first and last, positive and negative axes.
@@ -25,6 +26,17 @@ LAYOUTS = [
     ("torch", (2, 2, 2, 3, 2), -4),
     ("keras", (2, 2, 3, 2, 2), 2),
 ]
+
+
+@pytest.fixture(params=["one-block", "many-blocks"])
+def blocks(request, monkeypatch):
+    """Run a test with the default block size and with tiny blocks (a few rows each).
+
+    Small test inputs fit in one block; tiny blocks exercise the block-by-block code path.
+    """
+    if request.param == "many-blocks":
+        monkeypatch.setattr(batchnorm, "_BLOCK_BYTES", 64)
+    return request.param
 
 
 def _reference(x, gamma, beta, mean, var, eps, axis):
@@ -58,7 +70,7 @@ def _input(rng, shape, axis, dtype=np.float64):
 
 
 @pytest.mark.parametrize("convention,shape,axis", LAYOUTS)
-def test_training_forward_matches_numpy_statistics(convention, shape, axis) -> None:
+def test_training_forward_matches_numpy_statistics(convention, shape, axis, blocks) -> None:
     # float64, closed form with np.mean/np.var over the original layout: rounding only, 1e-13.
     rng = np.random.default_rng(1)
     c = shape[axis]
@@ -73,7 +85,7 @@ def test_training_forward_matches_numpy_statistics(convention, shape, axis) -> N
 
 
 @pytest.mark.parametrize("convention,shape,axis", LAYOUTS)
-def test_backward_matches_central_finite_differences(convention, shape, axis) -> None:
+def test_backward_matches_central_finite_differences(convention, shape, axis, blocks) -> None:
     """dx, dgamma, dbeta of L = sum(y * w) against central differences, float64.
 
     Step h = 1e-6: truncation O(h^2 |L'''|) ~ 1e-12 and cancellation O(eps * |L| / h) ~ 1e-9, so
@@ -252,18 +264,21 @@ def test_inference_uses_moving_statistics_and_changes_nothing() -> None:
         bn.backward(np.ones_like(x))
 
 
-def test_float32_is_computed_in_float32_and_accurate() -> None:
+@pytest.mark.parametrize("convention,shape,axis", [("torch", (16, 6, 8, 8), 1),
+                                                   ("keras", (16, 8, 8, 6), -1)])
+def test_float32_is_computed_in_float32_and_accurate(convention, shape, axis) -> None:
     """float32 against the float64 computation of the same (float32) input.
 
     m = 16 * 8 * 8 = 1024 values per channel: a few float32 ulps times sqrt(m) for the
-    reductions, 4 * 1.2e-7 * 32 = 1.5e-5 relative to the output's scale.
+    reductions (rounding errors of a sum grow like a random walk), 4 * 1.2e-7 * 32 = 1.5e-5
+    relative to each result's scale.
     """
     rng = np.random.default_rng(9)
-    x32 = _input(rng, (16, 6, 8, 8), 1, np.float32)
+    x32 = _input(rng, shape, axis, np.float32)
     dy32 = rng.standard_normal(x32.shape).astype(np.float32)
     results = {}
     for dtype in (np.float32, np.float64):
-        bn = BatchNorm(6, convention="torch")
+        bn = BatchNorm(6, convention=convention, axis=axis)
         bn.gamma = np.linspace(0.5, 2.0, 6)
         y = bn.forward(x32.astype(dtype), training=True)
         dx = bn.backward(dy32.astype(dtype))
@@ -272,6 +287,39 @@ def test_float32_is_computed_in_float32_and_accurate() -> None:
     tol = 4 * np.finfo(np.float32).eps * np.sqrt(1024)
     for a, b in zip(results[np.float32], results[np.float64]):
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+
+def test_large_input_in_many_blocks() -> None:
+    """(32, 8, 32, 32) float64, 8 MiB: 32 blocks with the default block size; closed form.
+
+    Tolerances are the worst-case bound for recursive summation of m = 32768 terms, m * eps times
+    the summed magnitudes (both sides sum the same terms in different orders). For y and dx the
+    summed magnitudes are those of x (through mean and var) and dy, scaled by gamma * inv_std.
+    """
+    rng = np.random.default_rng(12)
+    x = _input(rng, (32, 8, 32, 32), 1)
+    dy = rng.standard_normal(x.shape)
+    bn = _random_layer(rng, "torch", 8, 1)
+    y = bn.forward(x, training=True)
+    dx = bn.backward(dy)
+    axes, shape = (0, 2, 3), (1, -1, 1, 1)
+    m = x.size // 8
+    bound = m * np.finfo(np.float64).eps
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    k = bn.gamma / np.sqrt(var + bn.eps)
+    x_hat = _reference(x, 1.0, 0.0, mean, var, bn.eps, 1)
+    expected_y = _reference(x, bn.gamma, bn.beta, mean, var, bn.eps, 1)
+    np.testing.assert_allclose(y, expected_y, rtol=0, atol=bound * k.max() * np.abs(x).max())
+    dbeta, dgamma = dy.sum(axis=axes), (dy * x_hat).sum(axis=axes)
+    error = np.abs(bn.dbeta - dbeta)
+    assert np.all(error <= bound * np.abs(dy).sum(axis=axes)), error
+    error = np.abs(bn.dgamma - dgamma)
+    assert np.all(error <= bound * np.abs(dy * x_hat).sum(axis=axes)), error
+    expected_dx = (k / m).reshape(shape) * (
+        m * dy - dbeta.reshape(shape) - x_hat * dgamma.reshape(shape)
+    )
+    dx_scale = k.max() * (np.abs(dy).max() + np.abs(x_hat).max() * np.abs(x).max())
+    np.testing.assert_allclose(dx, expected_dx, rtol=0, atol=bound * dx_scale)
 
 
 def test_non_contiguous_input() -> None:
@@ -358,6 +406,11 @@ def test_backward_errors() -> None:
     bn.forward(x, training=False)
     with pytest.raises(ValueError, match="last forward was in inference mode"):
         bn.backward(np.ones((4, 3)))
+    bn.forward(x, training=True)
+    with pytest.raises(ValueError, match="NaN"):
+        bn.forward(np.full((4, 3), np.nan), training=True)
+    with pytest.raises(ValueError, match="backward needs a preceding forward"):
+        bn.backward(np.ones((4, 3)))  # the failed forward left nothing to backpropagate
 
 
 @pytest.mark.parametrize(
