@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bnfold.nn import batchnorm
 from bnfold.nn.batchnorm import BatchNorm
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -76,9 +77,12 @@ def test_fixtures_are_present_and_small() -> None:
     assert sum(p.stat().st_size for p in FILES) < 300_000
 
 
+@pytest.mark.parametrize("block_bytes", [None, 64], ids=["one-block", "many-blocks"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-def test_matches_framework(path: Path, dtype) -> None:
+def test_matches_framework(path: Path, dtype, block_bytes, monkeypatch) -> None:
+    if block_bytes is not None:  # tiny blocks: the block-by-block code path on small fixtures
+        monkeypatch.setattr(batchnorm, "_BLOCK_BYTES", block_bytes)
     fx = _load(path)
     bn = _layer(fx)
     tol = _tolerance(fx, np.dtype(dtype))
