@@ -186,8 +186,8 @@ class BatchNorm:
     ``x_centered = x - mean`` of shape (A, C) or (A, C, B) (the input viewed with the channel
     axis in the middle) and ``inv_std`` of shape (C,); ``x_hat = x_centered * inv_std`` is folded
     into per-channel factors instead of being stored, which saves a pass over the data. The
-    ``x_centered`` array is reused by later forwards of the same shape, so only one backward
-    per forward is meaningful (the latest forward's).
+    ``x_centered`` array is reused by later forwards of the same shape: `backward` always
+    differentiates the latest training-mode forward (and may be called again for it).
 
     Errors (bad arguments, wrong rank or channel count, non-float or non-finite input, one value
     per channel in training mode, backward without a training forward) raise `BatchNormError`,
@@ -447,6 +447,8 @@ class BatchNorm:
         """The array that holds ``x - mean`` for the backward, reused while shape/dtype match."""
         buffer = self._x_centered_buffer
         if buffer is None or buffer.shape != z.shape or buffer.dtype != z.dtype:
+            log.debug("BatchNorm(%d): new x_centered buffer %s %s", self.num_features, z.shape,
+                      z.dtype)
             buffer = self._x_centered_buffer = np.empty_like(z)
         return buffer
 
