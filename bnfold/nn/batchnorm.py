@@ -513,7 +513,7 @@ class BatchNorm:
         if not (np.isfinite(dbeta).all() and np.isfinite(dgamma).all()):
             self._raise_non_finite(np.asarray(dy), "dy")
         k = inv_std * self._gamma.astype(dtype) if self.scale else inv_std
-        # dx = k * dy - (k * dbeta / m) - (k * dgamma / m) * x_hat, with x_hat = x_centered * inv_std
+        # dx = k * dy - k * dbeta / m - k * dgamma / m * x_hat, x_hat = x_centered * inv_std
         k_c = _per_channel(k, g)
         shift_c = _per_channel(-k * dbeta / m, g)
         slope_c = _per_channel(-k * dgamma * inv_std / m, g)

@@ -401,7 +401,8 @@ def test_backward_errors() -> None:
         bn.backward(np.ones((4, 2)))
     dy = np.ones((4, 3))
     dy[2, 1] = np.nan
-    with pytest.raises(ValueError, match=r"dy contains 1 NaN/inf value\(s\), first nan at index \(2, 1\)"):
+    message = r"dy contains 1 NaN/inf value\(s\), first nan at index \(2, 1\)"
+    with pytest.raises(ValueError, match=message):
         bn.backward(dy)
     bn.forward(x, training=False)
     with pytest.raises(ValueError, match="last forward was in inference mode"):
