@@ -1,0 +1,362 @@
+"""Decomposed BN (per-channel Mul / Add / Sub / Div by constants) and ``decompose_rest``.
+
+Some exporters write an inference-mode BN as elementwise ops instead of a BatchNormalization
+node. Keras 3's ``model.export(format="onnx")`` (torch backend) writes every BN as
+``Sub(mean) -> Mul(gamma / sqrt(var + eps)) -> Add(beta)`` by constants of shape (1, ..., C),
+with no-op Casts between the ops, its Dense bias as one more ``Add``, and for channels-last
+convolutions ``Conv -> Transpose(0, 2, 3, 1) -> ...``. Such a chain is one per-channel affine
+map ``y = scale * z + shift`` of the producer's output ``z`` and folds into the producer with
+the same algebra as a BN node (`bnfold.fold.algebra.fold_affine`).
+
+Rules (cited in the code as "rule N"):
+
+1. Anchor: a linear producer (Conv, ConvTranspose, Gemm, MatMul with a constant 2-D weight).
+   Its output channel axis is 1 (Conv, ConvTranspose, Gemm: ONNX specs) or the last axis
+   (MatMul ``A @ W``: columns of ``W``).
+2. The chain follows the producer's output through nodes that each feed only the next one (no
+   intermediate value is a graph output or has another reader): ``Cast`` to the producer's own
+   element type and ``Identity`` (no-ops), ``Transpose`` (moves the channel axis: tracked
+   through ``perm``), and ``Add`` / ``Mul`` / ``Sub`` (either operand order) or ``Div`` (``z / c``,
+   ``c`` without zeros) by a constant ``c`` that is one value per channel: every axis of ``c`` has
+   length 1 except, right-aligned with the value, the channel axis (length 1 or C); ``c`` has no
+   more axes than the value (so broadcasting never changes the value's shape).
+3. The chain ends at its last Add / Mul / Sub / Div; it is a BN-like chain, folded and reported,
+   only if it scales (has a Mul or Div): a bare bias Add is not a BN, and is left to rule 4 of
+   `bnfold.fold.into_producer` or to the model as it is.
+4. The collapsed ``(scale, shift)`` (float64) is folded into the producer by the code of
+   `bnfold.fold.into_producer` for Conv / ConvTranspose / Gemm; a MatMul becomes
+   ``MatMul(A, W') -> Add(b')`` (exact for any rank of ``A``: the bias broadcasts along the last
+   axis, which is the channel axis). The chain's Transposes are kept, in order, after the
+   producer; its Casts, Identities and arithmetic nodes are removed; the chain's final value
+   keeps its name. The report entry is named after the chain's first Sub / Mul / Div.
+5. ``decompose_rest``: a BN that nothing could fold (inference mode, constant parameters, known
+   input rank >= 2) becomes ``Mul(x, s) -> Add(., t)`` with ``s``, ``t`` of shape
+   (C, 1, ..., 1), computed in float64 and cast once to the input's dtype (status
+   "decomposed").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from bnfold.fold import into_producer
+from bnfold.fold.algebra import fold_affine
+from bnfold.fold.graph import GraphIndex, Rewrite, Skip, get_attr, node_label, np_dtype, pattern, replace_node
+
+__all__ = ["PATTERNS", "fold_decomposed_chain", "decompose_rest", "AffineChain", "collapse_chain"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
+_PASS_THROUGH = frozenset({"Cast", "Identity", "Transpose"})
+
+
+@dataclass
+class AffineChain:
+    """A collapsed chain: ``final = scale * producer_output + shift`` per channel (rule 2, 3).
+
+    ``nodes`` are the chain's nodes in order (ending at its last arithmetic node);
+    ``transposes`` the Transpose nodes among them; ``constants`` maps each arithmetic node's
+    constant input name to ``"weight"`` (Mul / Div: it scales) or ``"bias"`` (Add / Sub).
+    """
+
+    nodes: list[onnx.NodeProto]
+    transposes: list[onnx.NodeProto]
+    scale: np.ndarray
+    shift: np.ndarray
+    constants: dict[str, str]
+
+    @property
+    def final(self) -> str:
+        return self.nodes[-1].output[0]
+
+    @property
+    def first_scaling(self) -> onnx.NodeProto:
+        return next(n for n in self.nodes if n.op_type in ("Sub", "Mul", "Div"))
+
+    @property
+    def scales(self) -> bool:
+        return any(n.op_type in ("Mul", "Div") for n in self.nodes)
+
+    # The attributes the fold code of `bnfold.fold.into_producer` reads from BN parameters.
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.scale, self.shift
+
+
+def _per_channel(value: np.ndarray, rank: int | None, axis: int, channels: int) -> np.ndarray | None:
+    """``value`` as (C,) float64 if it is one value per channel on ``axis`` (negative, counted
+    from the end), else None (rule 2)."""
+    value = np.asarray(value)
+    if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
+        return None
+    if value.ndim > (rank if rank is not None else 1):
+        return None
+    for j, dim in enumerate(value.shape):
+        tensor_axis = j - value.ndim
+        if dim != 1 and not (tensor_axis == axis and dim == channels):
+            return None
+    return np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (channels,))
+
+
+def _constant_operand(node: onnx.NodeProto, current: str, index: GraphIndex) -> tuple[str, np.ndarray, bool] | None:
+    """``(name, value, current_first)`` for a binary node whose other operand is constant."""
+    if len(node.input) != 2 or list(node.input).count(current) != 1:
+        return None
+    first = node.input[0] == current
+    other = node.input[1] if first else node.input[0]
+    value = index.constant(other)
+    if value is None:
+        return None
+    return other, value, first
+
+
+def collapse_chain(
+    start: str, index: GraphIndex, *, channels: int, rank: int | None, axis: int, elem_type: int
+) -> AffineChain | None:
+    """Follow ``start`` through a per-channel affine chain (rule 2); None if it has no arithmetic.
+
+    ``axis`` is the channel axis of ``start`` counted from the end (negative); ``rank`` its rank
+    if known.
+    """
+    scale = np.ones(channels)
+    shift = np.zeros(channels)
+    walked: list[onnx.NodeProto] = []
+    kept: AffineChain | None = None
+    constants: dict[str, str] = {}
+    current = start
+    while not index.is_graph_output(current):
+        readers = index.users(current)
+        if len(readers) != 1:
+            break
+        (node,) = readers
+        if node.domain not in _DEFAULT_DOMAINS or not node.output or not node.output[0]:
+            break
+        op = node.op_type
+        if op in _PASS_THROUGH:
+            if list(node.input) != [current]:
+                break
+            if op == "Cast" and int(get_attr(node, "to", 0)) != elem_type:
+                break
+            if op == "Transpose":
+                moved = _transpose_axis(node, rank, axis)
+                if moved is None:
+                    break
+                rank, axis = moved
+        elif op in _ARITHMETIC:
+            operand = _constant_operand(node, current, index)
+            if operand is None:
+                break
+            name, value, current_first = operand
+            c = _per_channel(value, rank, axis, channels)
+            if c is None:
+                break
+            if op == "Add":
+                shift = shift + c
+            elif op == "Sub" and current_first:
+                shift = shift - c
+            elif op == "Sub":
+                scale, shift = -scale, c - shift
+            elif op == "Mul":
+                scale, shift = scale * c, shift * c
+            elif current_first and np.all(c != 0):
+                scale, shift = scale / c, shift / c
+            else:
+                break  # c / z is not affine; z / 0 is not finite
+            constants[name] = "weight" if op in ("Mul", "Div") else "bias"
+        else:
+            break
+        walked.append(node)
+        if op in _ARITHMETIC:
+            kept = AffineChain(
+                nodes=list(walked), transposes=[n for n in walked if n.op_type == "Transpose"],
+                scale=scale, shift=shift, constants=dict(constants),
+            )
+        current = node.output[0]
+    return kept
+
+
+def _transpose_axis(node: onnx.NodeProto, rank: int | None, axis: int) -> tuple[int, int] | None:
+    """``(rank, axis)`` after Transpose ``node``; None if the permutation is unknown."""
+    perm = get_attr(node, "perm")
+    if perm is None:
+        if rank is None:
+            return None
+        perm = list(range(rank))[::-1]  # ONNX Transpose default: reverse the axes
+    perm = [int(p) for p in perm]
+    if rank is not None and len(perm) != rank:
+        return None
+    rank = len(perm)
+    position = rank + axis
+    if not 0 <= position < rank or sorted(perm) != list(range(rank)):
+        return None
+    return rank, perm.index(position) - rank
+
+
+def _producer_layout(producer: onnx.NodeProto, index: GraphIndex) -> tuple[int, int | None, int, int] | None:
+    """``(channels, rank, axis, elem_type)`` of the producer's output (rule 1), or None."""
+    weight_name = producer.input[1] if len(producer.input) > 1 else ""
+    weight = index.constant(weight_name) if weight_name else None
+    elem_type = index.elem_type(weight_name) if weight is not None else None
+    if weight is None or elem_type not in _FLOATS:
+        return None
+    op = producer.op_type
+    if op in ("Conv", "ConvTranspose"):
+        if weight.ndim < 3:
+            return None
+        group = int(get_attr(producer, "group", 1))  # ONNX default
+        channels = weight.shape[0] if op == "Conv" else weight.shape[1] * group
+        return channels, weight.ndim, 1 - weight.ndim, elem_type
+    if weight.ndim != 2:
+        return None
+    if op == "Gemm":
+        channels = weight.shape[0] if int(get_attr(producer, "transB", 0)) else weight.shape[1]
+        return channels, 2, -1, elem_type
+    rank = index.rank(producer.output[0])
+    if rank is None:
+        rank = index.rank(producer.input[0])
+    return weight.shape[1], rank, -1, elem_type
+
+
+@pattern("decomposed-bn", "Conv", "ConvTranspose", "Gemm", "MatMul")
+def fold_decomposed_chain(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | None:
+    """Fold a per-channel Mul/Add/Sub/Div chain after linear node ``node`` into it (rules 1-4)."""
+    if node.domain not in _DEFAULT_DOMAINS or not node.output or not node.output[0]:
+        return None
+    readers = index.users(node.output[0])
+    if len(readers) != 1 or readers[0].op_type not in _ARITHMETIC | _PASS_THROUGH:
+        return None  # cheap exit for the common case (Conv -> BN, Conv -> Relu, ...)
+    layout = _producer_layout(node, index)
+    if layout is None:
+        return None
+    channels, rank, axis, elem_type = layout
+    chain = collapse_chain(node.output[0], index, channels=channels, rank=rank, axis=axis, elem_type=elem_type)
+    if chain is None or not chain.scales:
+        return None  # rule 3
+    target = node.output[0] if chain.transposes else chain.final
+    if node.op_type == "MatMul":
+        result = _fold_matmul(node, chain, target, index)
+    else:
+        spec = into_producer.PRODUCERS[node.op_type]
+        stand_in = onnx.helper.make_node("Identity", [], [target])
+        fold = into_producer._fold_gemm if node.op_type == "Gemm" else into_producer._fold_conv
+        result = fold(stand_in, node, _ChainParams(chain, node.input[1]), spec, index)
+    if isinstance(result, Skip):
+        log.debug("decomposed BN after %s not folded: %s", node_label(node), result.reason)
+        return Skip(f"decomposed BN '{node_label(chain.first_scaling)}': {result.reason}")
+    return _finish(node, chain, result)
+
+
+class _ChainParams:
+    """The BN-parameter view `into_producer`'s fold code reads (channels, affine(), names)."""
+
+    def __init__(self, chain: AffineChain, weight_name: str) -> None:
+        self.chain = chain
+        self.channels = chain.channels
+        # Names of BN roles for its tensor_map; the chain's constants are mapped in `_finish`.
+        self.names = {role: weight_name for role in ("scale", "bias", "mean", "var")}
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.chain.affine()
+
+
+def _finish(producer: onnx.NodeProto, chain: AffineChain, rewrite: Rewrite) -> Rewrite:
+    """Re-target a producer fold to the chain: keep its Transposes, remove the rest (rule 4)."""
+    ((_, new_nodes),) = rewrite.replace
+    new_producer = new_nodes[-1]
+    previous = new_producer.output[0]
+    transposes = []
+    for i, transpose in enumerate(chain.transposes):
+        out = chain.final if i == len(chain.transposes) - 1 else transpose.output[0]
+        transposes.append(replace_node(transpose, inputs=[previous], outputs=[out]))
+        previous = out
+    new_weight = next(n for n in new_nodes if n.op_type == producer.op_type).input[1]
+    new_bias = new_producer.input[-1] if new_producer.op_type == "Add" else new_nodes[0].input[2]
+    tensor_map = dict(rewrite.tensor_map)
+    for name, role in chain.constants.items():
+        tensor_map.setdefault(name, new_weight if role == "weight" else new_bias)
+    return Rewrite(
+        into=node_label(producer), remove=list(chain.nodes), replace=[(producer, [*new_nodes, *transposes])],
+        constants=rewrite.constants, tensor_map=tensor_map, subnormals=rewrite.subnormals,
+        bn=chain.first_scaling,
+    )
+
+
+def _fold_matmul(matmul: onnx.NodeProto, chain: AffineChain, target: str, index: GraphIndex) -> Rewrite | Skip:
+    """``MatMul(A, W) -> chain`` becomes ``MatMul(A, W') -> Add(b')`` (rule 4)."""
+    if len(matmul.input) != 2:
+        return Skip("MatMul does not have two inputs")
+    weight_name = matmul.input[1]
+    elem_type = index.elem_type(weight_name)
+    weight64, bias64 = fold_affine(index.constant(weight_name), None, chain.scale, chain.shift, axis=1)
+    cast_w = index.cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
+    if isinstance(cast_w, Skip):
+        return cast_w
+    cast_b = index.cast_folded(bias64, elem_type, "folded bias")
+    if isinstance(cast_b, Skip):
+        return cast_b
+    hint = matmul.name or matmul.output[0]
+    new_w = index.fresh_name(f"{weight_name}_folded")
+    new_b = index.fresh_name(f"{hint}_bias_folded")
+    product = matmul.output[0] if matmul.output[0] != target else index.fresh_name(f"{hint}_product")
+    new_matmul = replace_node(matmul, inputs=[matmul.input[0], new_w], outputs=[product])
+    add = onnx.helper.make_node("Add", [product, new_b], [target], name=chain.nodes[-1].name)
+    return Rewrite(
+        into=node_label(matmul), replace=[(matmul, [new_matmul, add])],
+        constants={new_w: cast_w[0], new_b: cast_b[0]}, tensor_map={weight_name: new_w},
+        subnormals=cast_w[1] + cast_b[1],
+    )
+
+
+@pattern("decompose-rest", "BatchNormalization")
+def decompose_rest(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | None:
+    """Rule 5: BN -> Mul + Add by precomputed constants (only with ``decompose_rest``)."""
+    if not index.options.decompose_rest:
+        return None
+    params = index.read_batchnorm(node)
+    if isinstance(params, Skip):
+        return params
+    x, y = node.input[0], node.output[0]
+    rank = index.rank(x)
+    if rank is None:
+        rank = index.rank(y)
+    if rank is None or rank < 2:
+        what = "unknown" if rank is None else str(rank)
+        return Skip(f"not decomposed: rank of BN input '{x}' is {what} (the constants need shape (C, 1, ...))")
+    elem_type = index.elem_type(x)
+    if elem_type is None and index.opset("") < 15:
+        elem_type = index.elem_type(params.names["scale"])  # before opset 15 X and scale share T
+    if elem_type is None or np_dtype(elem_type) is None:
+        return Skip(f"not decomposed: element type of BN input '{x}' is unknown")
+    scale, shift = params.affine()
+    shape = (params.channels,) + (1,) * (rank - 2)
+    cast_s = index.cast_folded(scale.reshape(shape), elem_type, "decomposed BN scale")
+    if isinstance(cast_s, Skip):
+        return cast_s
+    cast_t = index.cast_folded(shift.reshape(shape), elem_type, "decomposed BN shift")
+    if isinstance(cast_t, Skip):
+        return cast_t
+    label = node.name or y
+    s_name = index.fresh_name(f"{label}_scale")
+    t_name = index.fresh_name(f"{label}_shift")
+    scaled = index.fresh_name(f"{y}_scaled")
+    mul = onnx.helper.make_node("Mul", [x, s_name], [scaled], name=f"{node.name}_mul" if node.name else "")
+    add = onnx.helper.make_node("Add", [scaled, t_name], [y], name=f"{node.name}_add" if node.name else "")
+    names = params.names
+    tensor_map = {names["scale"]: s_name, names["var"]: s_name, names["bias"]: t_name, names["mean"]: t_name}
+    return Rewrite(
+        into=None, replace=[(node, [mul, add])], constants={s_name: cast_s[0], t_name: cast_t[0]},
+        tensor_map=tensor_map, status="decomposed", subnormals=cast_s[1] + cast_t[1],
+    )
+
+
+PATTERNS = [fold_decomposed_chain, decompose_rest]
