@@ -426,14 +426,16 @@ def _output_bytes(model: onnx.ModelProto, names: Sequence[str], batch: int) -> i
     return total
 
 
-def _check_memory(input_bytes: int, output_bytes: int, max_bytes: int, batch: int) -> None:
-    # Inputs are held once; each shared output is held once per model plus a float64 copy of
-    # both for the comparison: budget 2 + 2 * (8 / itemsize) is about 4x; use 4x as the estimate.
+def _check_memory(input_bytes: int, output_bytes: int, max_bytes: int, batch: int, label: str,
+                  shapes: Mapping[str, tuple[int, ...]]) -> None:
+    # Inputs are held once; each shared output once per model, plus float64 copies of both for
+    # the comparison: about 4x the outputs' bytes for float32.
     need = input_bytes + 4 * output_bytes
     if need > max_bytes:
+        described = ", ".join(f"'{name}' {list(shape)}" for name, shape in list(shapes.items())[:3])
         raise BnfoldError(
-            f"verification would need about {_human(need)} for inputs and outputs at batch {batch}"
-            f" (limit {_human(max_bytes)}); lower --batch or raise --max-memory"
+            f"{label}: verification would need about {_human(need)} for inputs ({described}) and"
+            f" outputs at batch {batch} (limit {_human(max_bytes)}); lower --batch or raise --max-memory"
         )
 
 
@@ -469,7 +471,8 @@ def _session(model: onnx.ModelProto, label: str, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    # Errors reach the user as one BnfoldError line; onnxruntime's own log would add more lines.
+    options.log_severity_level = 4
     try:
         data = model.SerializeToString()
     except ValueError:  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
@@ -486,8 +489,12 @@ def _session(model: onnx.ModelProto, label: str, threads: int):
 
 
 def _run(session, names: list[str], feeds: dict[str, np.ndarray], label: str) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
     try:
-        return session.run(names, feeds)
+        return session.run(names, feeds, run_options)
     except Exception as exc:
         raise BnfoldError(f"{label}: onnxruntime failed to run the model: {_first_line(exc)}") from None
 
@@ -507,7 +514,8 @@ def _check_options(batch: int, threads: int, rtol: float | None, atol: float | N
 def verify(reference: ModelLike, candidate: ModelLike,
            inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None, *,
            rtol: float | None = None, atol: float | None = None, batch: int = 1, seed: int = 0,
-           threads: int = 1, max_bytes: int = DEFAULT_MAX_BYTES) -> VerifyReport:
+           threads: int = 1, max_bytes: int = DEFAULT_MAX_BYTES,
+           names: tuple[str, str] | None = None) -> VerifyReport:
     """Run ``reference`` and ``candidate`` in onnxruntime on the same inputs and compare outputs.
 
     Parameters
@@ -523,6 +531,9 @@ def verify(reference: ModelLike, candidate: ModelLike,
         onnxruntime intra-op and inter-op thread count.
     max_bytes
         Refuse (`BnfoldError`) when inputs plus outputs would need more memory than this.
+    names
+        How reports and errors call the two models (default: their paths, or "reference model"
+        and "candidate model" for in-memory models).
 
     Returns
     -------
@@ -538,6 +549,8 @@ def verify(reference: ModelLike, candidate: ModelLike,
     _check_options(batch, threads, rtol, atol, max_bytes)
     ref_model, ref_label = _load(reference, "reference model")
     cand_model, cand_label = _load(candidate, "candidate model")
+    if names is not None:
+        ref_label, cand_label = names
     specs = _unify_inputs(feed_inputs(ref_model, ref_label), feed_inputs(cand_model, cand_label),
                           ref_label, cand_label)
 
@@ -551,8 +564,9 @@ def verify(reference: ModelLike, candidate: ModelLike,
         )
 
     if inputs is None:
-        input_bytes = sum(math.prod(_concrete_shape(s, batch)) * s.dtype.itemsize for s in specs)
-        _check_memory(input_bytes, _output_bytes(ref_model, shared, batch), max_bytes, batch)
+        shapes = {spec.name: _concrete_shape(spec, batch) for spec in specs}
+        input_bytes = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
+        _check_memory(input_bytes, _output_bytes(ref_model, shared, batch), max_bytes, batch, ref_label, shapes)
         feeds = random_inputs(specs, batch=batch, rng=np.random.default_rng(seed))
         source, used_seed = "random", seed
     else:
@@ -567,7 +581,8 @@ def verify(reference: ModelLike, candidate: ModelLike,
         first = next(iter(feeds.values()), None)
         data_batch = int(first.shape[0]) if first is not None and first.ndim else batch
         input_bytes = sum(int(array.nbytes) for array in feeds.values())
-        _check_memory(input_bytes, _output_bytes(ref_model, shared, data_batch), max_bytes, data_batch)
+        _check_memory(input_bytes, _output_bytes(ref_model, shared, data_batch), max_bytes, data_batch, ref_label,
+                      {name: array.shape for name, array in feeds.items()})
         used_seed = None
 
     ref_values = _run(_session(ref_model, ref_label, threads), shared, feeds, ref_label)

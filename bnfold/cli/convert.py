@@ -199,7 +199,8 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
                               "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
     verification = None
     if not no_verify:
-        folded, report, verification = _verify(model, folded, report, fold_options, verify_kwargs(params),
+        options = {**verify_kwargs(params), "names": (str(source), f"folded model for {out}")}
+        folded, report, verification = _verify(model, folded, report, fold_options, options,
                                                keep_failing_unfolded, result)
         verification.reference, verification.candidate = str(source), str(out)
         result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok)

@@ -45,7 +45,7 @@ def verification_options(func: Callable) -> Callable:
         click.option("--rtol", type=click.FloatRange(min=0), default=None,
                      help="Relative tolerance, scaled by max|reference| [default by dtype: float64 1e-9, float32 1e-4, float16 1e-2]."),
         click.option("--atol", type=click.FloatRange(min=0), default=None,
-                     help="Absolute tolerance [default: rtol / 100, i.e. float64 1e-11, float32 1e-6, float16 1e-4]."),
+                     help="Absolute tolerance [default by dtype: float64 1e-11, float32 1e-6, float16 1e-4, i.e. the default rtol / 100]."),
         click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Size given to symbolic (batch) dimensions of random inputs."),
         click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None,
