@@ -186,8 +186,8 @@ def test_different_inputs_are_refused() -> None:
 
 def test_memory_cap_refuses_before_allocating() -> None:
     # (1e9, 3) float32 inputs are 12 GB: refused from the shapes alone, before any allocation.
-    with pytest.raises(BnfoldError, match="lower --batch or raise --max-memory"):
-        verify(scale_model(2.0), scale_model(2.0), batch=10**9)
+    with pytest.raises(BnfoldError, match=r"ref.onnx: .*'x' \[1000000000, 3\].*lower --batch or raise --max-memory"):
+        verify(scale_model(2.0), scale_model(2.0), batch=10**9, names=("ref.onnx", "cand.onnx"))
     with pytest.raises(BnfoldError, match="limit 100 B"):
         verify(scale_model(2.0), scale_model(2.0), batch=10, max_bytes=100)
     assert verify(scale_model(2.0), scale_model(2.0), batch=10, max_bytes=10**6).ok

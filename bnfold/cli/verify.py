@@ -99,9 +99,12 @@ def command(reference: str, candidate: str, json_path: str | None, **params: Any
     """
     from bnfold.verify import verify
 
-    for path in (reference, candidate):
-        if json_path is not None and Path(json_path).resolve() == Path(path).resolve():
+    if json_path is not None:
+        from bnfold.io import check_output_path
+
+        if Path(json_path).resolve() in (Path(reference).resolve(), Path(candidate).resolve()):
             raise BnfoldError(f"{json_path}: the JSON report would overwrite an input model")
+        check_output_path(json_path, overwrite=True)
     report = verify(reference, candidate, **verify_kwargs(params))
     for line in report.lines():
         click.echo(line)

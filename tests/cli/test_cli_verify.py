@@ -97,13 +97,14 @@ def test_npz_inputs(models, tmp_path: Path) -> None:
     assert code == 2 and "float64" in one_line_error(stderr)
 
 
-@pytest.mark.parametrize("case", ["missing", "no_shared_output", "bad_threads", "memory"])
+@pytest.mark.parametrize("case", ["missing", "no_shared_output", "bad_threads", "memory", "json_folder"])
 def test_errors_exit_2(models, tmp_path: Path, case: str) -> None:
     args = {
         "missing": ("verify", models["a"], tmp_path / "missing.onnx"),
         "no_shared_output": ("verify", models["a"], models["other_output"]),
         "bad_threads": ("verify", models["a"], models["same"], "--threads", "0"),
         "memory": ("verify", models["a"], models["same"], "--batch", "1000000", "--max-memory", "1KiB"),
+        "json_folder": ("verify", models["a"], models["same"], "--json", tmp_path / "no" / "r.json"),
     }[case]
     code, _, stderr = bnfold_cli(*args)
     assert code == 2
