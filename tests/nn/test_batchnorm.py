@@ -290,7 +290,7 @@ def test_float32_is_computed_in_float32_and_accurate(convention, shape, axis) ->
 
 
 def test_large_input_in_many_blocks() -> None:
-    """(32, 8, 32, 32) float64, 8 MiB: 32 blocks with the default block size; closed form.
+    """(32, 8, 32, 32) float64, 8 MiB: several blocks with the default block size; closed form.
 
     Tolerances are the worst-case bound for recursive summation of m = 32768 terms, m * eps times
     the summed magnitudes (both sides sum the same terms in different orders). For y and dx the
@@ -298,6 +298,7 @@ def test_large_input_in_many_blocks() -> None:
     """
     rng = np.random.default_rng(12)
     x = _input(rng, (32, 8, 32, 32), 1)
+    assert len(batchnorm._blocks(x.reshape(32, 8, -1))) > 1
     dy = rng.standard_normal(x.shape)
     bn = _random_layer(rng, "torch", 8, 1)
     y = bn.forward(x, training=True)
