@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bnfold.nn import batchnorm
-from bnfold.nn.batchnorm import BatchNorm
+from bnfold.nn.batchnorm import CONVENTIONS, BatchNorm
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 FILES = sorted(FIXTURES.glob("bn_*.npz"))
@@ -27,17 +27,24 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 def _layer(fx: dict[str, np.ndarray]) -> BatchNorm:
     momentum = float(fx["momentum"])
+    convention, axis = str(fx["convention"]), int(fx["axis"])
+    kwargs = {} if axis == CONVENTIONS[convention]["axis"] else {"axis": axis}
     bn = BatchNorm(
         fx["gamma"].size,
-        convention=str(fx["convention"]),
+        convention=convention,
         momentum=None if np.isnan(momentum) else momentum,
+        **kwargs,
     )
-    # The defaults must be the framework's own: no eps is passed above.
+    # The defaults must be the framework's own: no eps (and the default axis) is passed above.
     assert bn.eps == float(fx["eps"])
-    assert bn.axis == int(fx["axis"])
     bn.gamma = fx["gamma"]
     bn.beta = fx["beta"]
     return bn
+
+
+def _channel(fx: dict[str, np.ndarray]) -> int:
+    """Channel axis of the stacked inputs ``x`` (steps, N, ...)."""
+    return int(fx["axis"]) % (fx["x"].ndim - 1) + 1
 
 
 def _tolerance(fx: dict[str, np.ndarray], dtype: np.dtype) -> float:
@@ -56,7 +63,7 @@ def _tolerance(fx: dict[str, np.ndarray], dtype: np.dtype) -> float:
     if dtype == np.float64 and fx["x"].dtype == np.float64:
         return 1e-12
     x = fx["x"].astype(np.float64)
-    channel = x.ndim - 1 if str(fx["convention"]) == "keras" else 2
+    channel = _channel(fx)
     axes = tuple(a for a in range(1, x.ndim) if a != channel)
     kappa = float(np.max(np.mean(x**2, axis=axes) / np.var(x, axis=axes)))
     m = x[0].size // x.shape[channel]
@@ -105,7 +112,7 @@ def test_matches_framework(path: Path, dtype, block_bytes, monkeypatch) -> None:
 def _moving_var_recurrence(fx: dict[str, np.ndarray], ddof: int) -> np.ndarray:
     """The moving variance a framework would hold if it fed var(ddof) into its update."""
     x = fx["x"].astype(np.float64)
-    channel = x.ndim - 1 if str(fx["convention"]) == "keras" else 2
+    channel = _channel(fx)
     axes = tuple(a - 1 for a in range(1, x.ndim) if a != channel)
     momentum = float(fx["momentum"])
     var = np.ones(x.shape[channel])
