@@ -253,11 +253,11 @@ def _used_names(graph: onnx.GraphProto, used: set[str]) -> None:
 
 
 def _prune_initializers(graph: onnx.GraphProto, dead: set[str], removed: list[str]) -> None:
-    if any(t.name in dead for t in graph.initializer):
-        kept = [t for t in graph.initializer if t.name not in dead]
-        removed.extend(t.name for t in graph.initializer if t.name in dead)
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+    positions = [i for i, t in enumerate(graph.initializer) if t.name in dead]
+    # Deleting by position (last first) moves no tensor data, unlike rebuilding the list.
+    for i in reversed(positions):
+        removed.append(graph.initializer[i].name)
+        del graph.initializer[i]
     for node in graph.node:
         for attr in node.attribute:
             for sub in attr_graphs(attr):

@@ -282,19 +282,26 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
-def array_to_tensor(array: np.ndarray, name: str, elem_type: int | None = None) -> onnx.TensorProto:
-    """A TensorProto holding ``array`` as ``raw_data`` (written once)."""
+def array_to_tensor(
+    array: np.ndarray, name: str, elem_type: int | None = None, *, into: onnx.TensorProto | None = None
+) -> onnx.TensorProto:
+    """A TensorProto holding ``array`` as ``raw_data``, written once.
+
+    ``into``: an empty tensor to fill (e.g. ``graph.initializer.add()``), which saves copying
+    the bytes again when the tensor is appended to a graph.
+    """
     array = np.asarray(array)
     if elem_type is None:
         elem_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor = TensorProto() if into is None else into
     if elem_type in _RAW_DTYPES and sys.byteorder == "little":
-        tensor = TensorProto()
         tensor.name = name
         tensor.data_type = elem_type
         tensor.dims.extend(array.shape)
         tensor.raw_data = np.ascontiguousarray(array, dtype=_RAW_DTYPES[elem_type]).tobytes()
-        return tensor
-    return numpy_helper.from_array(array, name)
+    else:
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
+    return tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +350,7 @@ class ModelContext:
         self._inferred: dict[str, onnx.TypeProto] | None = None
         #: initializer names that folds stopped using; removed at the end if nothing else uses them
         self.released: set[str] = set()
+        self._workspace = np.empty(0, dtype=np.float64)
 
     @property
     def names(self) -> set[str]:
@@ -357,6 +365,13 @@ class ModelContext:
                     names.update(node.output)
             self._names = names
         return self._names
+
+    def workspace(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float64 scratch array of ``shape``, reused across folds (valid until the next call)."""
+        size = math.prod(shape)
+        if self._workspace.size < size:
+            self._workspace = np.empty(max(size, 2 * self._workspace.size), dtype=np.float64)
+        return self._workspace[:size].reshape(shape)
 
     def fresh_name(self, hint: str) -> str:
         """A tensor name unused anywhere in the model, derived from ``hint``."""
@@ -488,7 +503,6 @@ class GraphIndex:
             self._link(node)
         self._removed: set[int] = set()
         self._replacement: dict[int, list[onnx.NodeProto]] = {}
-        self._new_tensors: list[onnx.TensorProto] = []
         self._new_constant_nodes: dict[int, list[onnx.NodeProto]] = {}
         self._vanished: set[str] = set()
         self._released: set[str] = set()
@@ -766,14 +780,16 @@ class GraphIndex:
             return Skip(f"{what}: {reason}")
         cast = np.asarray(values, dtype=np.float64).astype(dtype)
         tiny = _smallest_normal(dtype)
-        if tiny is None:
+        if tiny is None or not cast.size:
             return cast, 0
-        magnitude = np.abs(cast.astype(np.float64))
-        subnormal = (magnitude > 0) & (magnitude < tiny)
+        probe = cast if cast.dtype.kind == "f" else cast.astype(np.float32)
+        # Boolean temporaries only (1 byte per value): no float-sized scratch arrays.
+        subnormal = (probe < tiny) & (probe > -tiny)
+        if not subnormal.any():  # the common case
+            return cast, 0
+        subnormal &= probe != 0
         count = int(np.count_nonzero(subnormal))
-        if count:
-            cast = cast.copy()
-            cast[subnormal] = 0
+        cast[subnormal] = 0
         return cast, count
 
     # ---- applying rewrites --------------------------------------------------------------
@@ -791,13 +807,15 @@ class GraphIndex:
         constant_nodes = []
         for name, array in rewrite.constants.items():
             elem_type = helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype)
-            tensor = array_to_tensor(array, name, elem_type)
             if self.function is not None:
+                tensor = array_to_tensor(array, name, elem_type)
                 constant_nodes.append(helper.make_node("Constant", [], [name], value=tensor))
             else:
-                self._new_tensors.append(tensor)
-                self.initializers[name] = tensor
-            self._cache[name] = (np.asarray(array), None)
+                # Written straight into the graph; `commit` / the pass's cleanup drop it if a
+                # later fold in this graph makes it unused.
+                self.initializers[name] = array_to_tensor(array, name, elem_type, into=self.graph.initializer.add())
+            # Not cached: the array can be freed now; a later fold re-reads the tensor.
+            self._cache.pop(name, None)
         if constant_nodes:
             if not rewrite.replace:
                 raise AssertionError("a rewrite with new constants inside a function must replace a node")
@@ -865,9 +883,6 @@ class GraphIndex:
         del body.node[:]
         body.node.extend(rebuilt)
         self.nodes = list(body.node)
-        if self.graph is not None and self._new_tensors:
-            self.graph.initializer.extend(self._new_tensors)
-            self._new_tensors = []
         stale = self._vanished - set(self.producer)
         value_info = getattr(body, "value_info", None)
         if stale and value_info is not None and any(vi.name in stale for vi in value_info):

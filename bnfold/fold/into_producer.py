@@ -212,7 +212,7 @@ def _fold_conv(node, producer, params: BatchNormParams, spec: ProducerSpec, inde
         return Skip(f"{producer.op_type} bias '{bias_name}' has shape {bias.shape}")
     scale, shift = params.affine()
     bias_vec = None if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
-    weight64, bias64 = fold_affine(view, bias_vec, scale, shift, axis=axis)
+    weight64, bias64 = fold_affine(view, bias_vec, scale, shift, axis=axis, out=index.ctx.workspace(view.shape))
     done = _finish(
         index, params, restore(weight64), bias64, elem_type,
         weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
