@@ -590,24 +590,29 @@ class GraphIndex:
         return name in self.producer or name in self.initializers or name in self.inputs
 
     def elem_type(self, name: str) -> int | None:
-        """ONNX element type of ``name`` from initializers, type info or a constant value."""
+        """ONNX element type of ``name``: initializer, declared type, constant value, or (last,
+        since it runs ONNX shape inference on the whole model once) inferred type."""
         tensor = self.initializers.get(name)
         if tensor is not None:
             return tensor.data_type
-        vtype = self.value_type(name)
+        vtype = self.types.get(name)
         if vtype is not None and vtype.HasField("tensor_type") and vtype.tensor_type.elem_type:
             return vtype.tensor_type.elem_type
         node = self.producer.get(name)
-        if node is not None and node.op_type == "Cast":
-            return int(get_attr(node, "to"))
-        if node is not None and node.op_type in ("Identity", "Relu", "BatchNormalization", "Add", "Mul"):
-            return self.elem_type(node.input[0])
+        if node is not None and node.op_type == "Cast" and node.domain in _DEFAULT_DOMAINS:
+            try:
+                return int(get_attr(node, "to"))
+            except AttributeRef:
+                return None
         value = self.constant(name)
         if value is not None:
             try:
                 return helper.np_dtype_to_tensor_dtype(value.dtype)
             except Exception:  # noqa: BLE001
                 return None
+        vtype = self.value_type(name)
+        if vtype is not None and vtype.HasField("tensor_type") and vtype.tensor_type.elem_type:
+            return vtype.tensor_type.elem_type
         return None
 
     def shape(self, name: str) -> tuple[int | str | None, ...] | None:
