@@ -131,6 +131,9 @@ class FoldBatchNormPass:
             changed |= self._visit(GraphIndex.for_function(function, ctx))
         if changed:
             _cleanup(out, ctx)
+        unknown = sorted(set(self.options.exclude) - {entry.bn for entry in report.entries})
+        if unknown:
+            report.notes.append("exclude: no BatchNormalization named " + ", ".join(f"'{n}'" for n in unknown))
         log.info("folded %d of %d BatchNormalization nodes in %.3f s", report.folded, report.total,
                  time.perf_counter() - start)
         return out, report

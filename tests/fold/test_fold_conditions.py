@@ -413,6 +413,9 @@ def test_exclude(fk):
     out, report = fk.fold_and_check(m, folded=1, kept=1, rng=rng, exclude={"bn1"})
     assert [(e.bn, e.status, e.reason) for e in report.entries] == [("bn1", "kept", "excluded"),
                                                                       ("bn2", "folded", None)]
+    assert not report.notes
+    _, report = fold(m, exclude={"bn1", "bn9"})
+    assert report.notes == ["exclude: no BatchNormalization named 'bn9'"]
 
 
 def test_output_keeps_model_metadata(fk):
