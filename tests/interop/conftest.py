@@ -237,11 +237,13 @@ def torch_export(tmp_path_factory, torch_cases) -> Callable[[str, str], Exported
 
 @dataclasses.dataclass(frozen=True)
 class KerasCase:
-    """A Keras model to export; ``n_bn`` BatchNormalization layers, all foldable."""
+    """A Keras model to export; ``n_bn`` BatchNormalization layers, all foldable, and ``n_conv``
+    channels-last convolutions."""
 
     build: Callable[[], "object"]
     input_shape: tuple[int, ...]
     n_bn: int
+    n_conv: int = 0
 
 
 def _keras_cases() -> dict[str, KerasCase]:
@@ -275,9 +277,21 @@ def _keras_cases() -> dict[str, KerasCase]:
         out = layers.Dense(2, kernel_initializer=init(6))(x)
         return keras.Model(inp, out)
 
+    def sequence_model():
+        # Dense on (N, T, C) is a rank-3 MatMul whose BN (axis -1) is the MatMul's output axis.
+        inp = keras.Input((5, 8))
+        x = layers.Dense(6, kernel_initializer=init(7))(inp)
+        x = layers.ReLU()(bn()(x))
+        x = layers.Conv1D(4, 3, use_bias=False, kernel_initializer=init(8))(x)
+        x = bn()(x)
+        x = layers.Flatten()(x)
+        out = layers.Dense(2, kernel_initializer=init(9))(x)
+        return keras.Model(inp, out)
+
     return {
         "keras-dense": KerasCase(dense_model, (8,), n_bn=2),
-        "keras-conv": KerasCase(conv_model, (7, 7, 3), n_bn=2),
+        "keras-conv": KerasCase(conv_model, (7, 7, 3), n_bn=2, n_conv=2),
+        "keras-sequence": KerasCase(sequence_model, (5, 8), n_bn=2, n_conv=1),
     }
 
 
@@ -318,13 +332,15 @@ def keras_export(tmp_path_factory, keras_cases) -> Callable[[str], Exported]:
         if name not in exported:
             case = keras_cases[name]
             rng = np.random.default_rng(sum(map(ord, name)))
-            model = _train_keras(case.build(), case.input_shape, rng)
-            _assert_nontrivial_keras(model)
-            x = (2.0 * rng.standard_normal((3,) + case.input_shape) + 1.0).astype(np.float32)
-            y = np.asarray(model(x, training=False).detach().cpu().numpy())
             path = folder / f"{name}.onnx"
+            # Keras (torch backend) and the exporter warn about NumPy 2 copy semantics and
+            # tracing; none of it concerns these models.
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
+                model = _train_keras(case.build(), case.input_shape, rng)
+                _assert_nontrivial_keras(model)
+                x = (2.0 * rng.standard_normal((3,) + case.input_shape) + 1.0).astype(np.float32)
+                y = np.asarray(model(x, training=False).detach().cpu().numpy())
                 model.export(str(path), format="onnx", verbose=False)
             onnx_model = onnx.load(str(path))
             (input_name,) = [i.name for i in onnx_model.graph.input]

@@ -19,7 +19,7 @@ pytest.importorskip("keras")
 
 from bnfold.fold import fold  # noqa: E402
 
-CASES = ["keras-dense", "keras-conv"]
+CASES = ["keras-dense", "keras-conv", "keras-sequence"]
 
 
 def tolerance(reference: np.ndarray) -> float:
@@ -37,12 +37,12 @@ def ops(model: onnx.ModelProto) -> Counter:
 def test_export_writes_decomposed_bn(name, keras_export, keras_cases):
     """Guard on what the exporter writes: no BN node, one Sub and one Mul per BN layer."""
     before = ops(keras_export(name).model)
-    n_bn = keras_cases[name].n_bn
+    case = keras_cases[name]
     assert before["BatchNormalization"] == 0
-    assert before["Sub"] == before["Mul"] == n_bn
+    assert before["Sub"] == before["Mul"] == case.n_bn
     assert before["Cast"] > 0
-    if name == "keras-conv":
-        assert before["Transpose"] == 2 * 2  # NHWC -> NCHW before and NCHW -> NHWC after each Conv
+    # channels-last -> channels-first before each Conv and back after it.
+    assert before["Transpose"] == 2 * case.n_conv
 
 
 @pytest.mark.parametrize("name", CASES)
