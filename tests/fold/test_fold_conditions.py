@@ -323,23 +323,39 @@ def test_constant_subgraphs_are_evaluated(fk):
     assert len(out.graph.initializer) == 2
 
 
-@pytest.mark.parametrize("shape_of", ["weight", "static_input"])
-def test_dynamo_zero_bias_pattern(fk, shape_of):
-    """torch.onnx.export(dynamo=True) style: BN params through Identity, and a conv bias computed
-    as Shape -> Expand -> CastLike(runtime tensor, for its dtype) -> Expand."""
-    rng = np.random.default_rng(22)
-    c = 3  # C_in == C_out so that Shape(x)[1:2] is the channel count too
-    inits = [fk.init("conv.weight", rng.standard_normal((c, c, 3, 3)) * 0.3, fk.F32),
-             fk.init("zero", np.array(0.0, dtype=np.float32))]
-    params = [fk.init(f"bn.{r}", a, fk.F32) for r, a in zip(("weight", "bias", "running_mean", "running_var"),
-                                                             fk.bn_arrays(rng, c))]
-    shape_node = (helper.make_node("Shape", ["conv.weight"], ["shp"], start=0, end=1) if shape_of == "weight"
-                  else helper.make_node("Shape", ["x"], ["shp"], start=1, end=2))
-    nodes = [
-        shape_node,
+def _zero_bias_nodes(layout, c):
+    if layout == "torch":
+        # As torch 2.13 writes it (dynamo=True, optimize=False): the bias shape is Shape(W)[0:1]
+        # expanded by [1], the zero is a scalar CastLike'd to the run-time input x.
+        return [
+            helper.make_node("Shape", ["conv.weight"], ["val_0"], start=0, end=1),
+            helper.make_node("Constant", [], ["val_1"], value_ints=[1]),
+            helper.make_node("Expand", ["val_0", "val_1"], ["val_2"]),
+            helper.make_node("Constant", [], ["val_3"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
+            helper.make_node("CastLike", ["val_3", "x"], ["val_4"]),
+            helper.make_node("Expand", ["val_4", "val_2"], ["conv_bias"]),
+        ]
+    # Shape of a run-time tensor whose shape is static (C_in == C_out here), a float64 zero.
+    return [
+        helper.make_node("Shape", ["x"], ["shp"], start=1, end=2),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float64))),
         helper.make_node("Expand", ["zero", "shp"], ["e1"]),
         helper.make_node("CastLike", ["e1", "x"], ["cl"]),
         helper.make_node("Expand", ["cl", "shp"], ["conv_bias"]),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["torch", "static_input"])
+def test_dynamo_zero_bias_pattern(fk, layout):
+    """torch.onnx.export(dynamo=True) style: BN params through Identity, and a conv bias computed
+    as Shape -> Expand -> CastLike(run-time tensor, read for its dtype only) -> Expand."""
+    rng = np.random.default_rng(22)
+    c = 3
+    inits = [fk.init("conv.weight", rng.standard_normal((c, c, 3, 3)) * 0.3, fk.F32)]
+    params = [fk.init(f"bn.{r}", a, fk.F32) for r, a in zip(("weight", "bias", "running_mean", "running_var"),
+                                                             fk.bn_arrays(rng, c))]
+    nodes = [
+        *_zero_bias_nodes(layout, c),
         helper.make_node("Conv", ["x", "conv.weight", "conv_bias"], ["z"], name="node_Conv_0"),
         *[helper.make_node("Identity", [p.name], [f"id_{i}"]) for i, p in enumerate(params)],
         helper.make_node("BatchNormalization", ["z", "id_0", "id_1", "id_2", "id_3"], ["y"], name="node_bn"),
