@@ -93,6 +93,9 @@ log = logging.getLogger(__name__)
 #: Constant subgraphs that would materialize more elements than this are not evaluated.
 MAX_CONSTANT_ELEMENTS = 1 << 26
 
+#: Initializer values larger than this are read again when needed rather than cached.
+_CACHE_MAX_BYTES = 1 << 16
+
 #: Ops whose outputs are pure functions of their inputs, removed when a fold leaves them unused.
 _PURE_CONSTANT_OPS = frozenset(
     {"Constant", "Identity", "Cast", "CastLike", "ConstantOfShape", "Reshape", "Unsqueeze",
@@ -678,7 +681,11 @@ class GraphIndex:
         if depth > 64:
             return None, f"'{name}' is computed by a constant chain too deep to evaluate"
         result = self._evaluate_uncached(name, depth)
-        self._cache[name] = result
+        value = result[0]
+        # Large initializers are not kept: re-reading one is a single copy, and holding every
+        # weight of a deep model alive makes each new array land on fresh (page-faulting) memory.
+        if value is None or value.nbytes <= _CACHE_MAX_BYTES or name not in self.initializers:
+            self._cache[name] = result
         return result
 
     def _evaluate_uncached(self, name: str, depth: int) -> tuple[np.ndarray | None, str | None]:
