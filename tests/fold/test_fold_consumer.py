@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 PAD_REASON = "Conv pads are non-zero: padded zeros would not be normalized"
 
@@ -245,3 +245,33 @@ def test_dynamo_computed_zero_bias_reading_bn_output(fk):
     m = fk.model(nodes, [fk.vi("x", fk.F32, ["N", 4, 6, 6])], [fk.vi("y", fk.F32, 4)], [w, *bn_inits])
     out, report = fk.fold_and_check(m, folded=1, rng=rng)
     assert [n.op_type for n in out.graph.node] == ["Conv"]
+
+
+def test_bn_conv_in_if_branch_and_function(fk):
+    """BN -> Conv inside an If branch (outer-scope weight) and inside a model-local function
+    (parameters as Constant nodes) fold like in the main graph."""
+    rng = np.random.default_rng(18)
+    w = fk.init("w", rng.standard_normal((5, 4, 1, 1)), fk.F32)
+    bn_t, it = fk.bn_node("x", "bt", "bn_then", rng, 4)
+    then_g = helper.make_graph([bn_t, helper.make_node("Conv", ["bt", "w"], ["yt"], name="conv_then")],
+                               "then", [], [fk.vi("yt", fk.F32, 4)])
+    else_g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["ye"], name="conv_else")],
+                               "else", [], [fk.vi("ye", fk.F32, 4)])
+    params = [fk.init(r, a, fk.F32) for r, a in zip(("g", "b", "m", "v"), fk.bn_arrays(rng, 5))]
+    fw = fk.init("fw", rng.standard_normal((3, 5, 1, 1)), fk.F32)
+    body = [*(helper.make_node("Constant", [], [t.name], value=t) for t in [*params, fw]),
+            helper.make_node("BatchNormalization", ["u", "g", "b", "m", "v"], ["ub"], name="f_bn"),
+            helper.make_node("Conv", ["ub", "fw"], ["v_out"], name="f_conv")]
+    function = helper.make_function("local", "BnConv", ["u"], ["v_out"], body, [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("If", ["cond"], ["y0"], name="if", then_branch=then_g, else_branch=else_g),
+             helper.make_node("BnConv", ["y0"], ["y"], domain="local", name="call")]
+    m = fk.model(nodes, [fk.vi("cond", TensorProto.BOOL, []),
+                         fk.vi("x", fk.F32, [1, 4, 3, 3])],
+                 [fk.vi("y", fk.F32, 4)], [w, *it], functions=[function],
+                 extra_opsets=[helper.make_opsetid("local", 1)])
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": rng.standard_normal((1, 4, 3, 3)).astype(np.float32)}
+        out, report = fk.fold_and_check(m, folded=2, feeds=feeds)
+    assert [(e.graph, e.into) for e in report.entries] == [
+        ("main/if.then_branch", "conv_then"), ("function:local.BnConv", "f_conv")]
+    assert [n.op_type for n in out.functions[0].node] == ["Constant", "Constant", "Conv"]

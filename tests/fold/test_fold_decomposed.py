@@ -332,3 +332,33 @@ def test_decompose_rest_never_touches_training_mode(fk):
     out, report = fold(m, decompose_rest=True)
     assert report.entries[0].status == "kept" and "training_mode" in report.entries[0].reason
     assert out == m
+
+
+def test_chain_in_if_branch_and_function(fk):
+    """A decomposed BN inside an If branch (outer-scope constants) and inside a model-local
+    function (Constant nodes) folds like in the main graph."""
+    rng = np.random.default_rng(24)
+    outer = [fk.init("w", rng.standard_normal((4, 3, 1, 1)), fk.F32), fk.init("s", rng.standard_normal((4, 1, 1)), fk.F32),
+             fk.init("t", rng.standard_normal((4, 1, 1)), fk.F32)]
+    then_g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["zt"], name="conv_then"),
+                                helper.make_node("Mul", ["zt", "s"], ["mt"], name="mul_then"),
+                                helper.make_node("Add", ["mt", "t"], ["yt"], name="add_then")],
+                               "then", [], [fk.vi("yt", fk.F32, 4)])
+    else_g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["ye"], name="conv_else")],
+                               "else", [], [fk.vi("ye", fk.F32, 4)])
+    consts = [fk.init("fw", rng.standard_normal((4, 6)), fk.F32), fk.init("fs", rng.standard_normal(6), fk.F32)]
+    body = [*(helper.make_node("Constant", [], [t.name], value=t) for t in consts),
+            helper.make_node("MatMul", ["u", "fw"], ["p"], name="f_mm"),
+            helper.make_node("Mul", ["p", "fs"], ["v_out"], name="f_mul")]
+    function = helper.make_function("local", "Head", ["u"], ["v_out"], body, [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("If", ["cond"], ["y0"], name="if", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Transpose", ["y0"], ["y1"], perm=[0, 2, 3, 1], name="nhwc"),
+             helper.make_node("Head", ["y1"], ["y"], domain="local", name="call")]
+    m = fk.model(nodes, [fk.vi("cond", TensorProto.BOOL, []), fk.vi("x", fk.F32, [1, 3, 2, 2])],
+                 [fk.vi("y", fk.F32, 4)], outer, functions=[function], extra_opsets=[helper.make_opsetid("local", 1)])
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": rng.standard_normal((1, 3, 2, 2)).astype(np.float32)}
+        out, report = fk.fold_and_check(m, folded=2, feeds=feeds)
+    assert [(e.graph, e.bn, e.into) for e in report.entries] == [
+        ("main/if.then_branch", "mul_then", "conv_then"), ("function:local.Head", "f_mul", "f_mm")]
+    assert [n.op_type for n in out.functions[0].node] == ["Constant", "Constant", "MatMul", "Add"]
