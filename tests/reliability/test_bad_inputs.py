@@ -232,6 +232,22 @@ def test_convert_refuses_bad_input_subprocess(case, builders, folders, run_subpr
     before.assert_unchanged()
 
 
+LOAD_CASES = [case for case in CASES if case.api == "load"]
+
+
+@pytest.mark.parametrize("case", LOAD_CASES, ids=[case.id for case in LOAD_CASES])
+@pytest.mark.parametrize("position", ["reference", "candidate"])
+def test_verify_refuses_bad_model(case, position, builders, folders, run_cli, snapshot):
+    src_dir, _ = folders
+    bad = case.make(src_dir, builders)
+    good = _write(src_dir, builders.gemm_bn(), "good.onnx")
+    before = snapshot(_inputs(src_dir), [src_dir])
+    args = [bad, good] if position == "reference" else [good, bad]
+    line = run_cli(["verify", *args]).assert_one_line_error(2)
+    assert re.search(case.expect, line) and "in.onnx" in line, line
+    before.assert_unchanged()
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_api_refuses_bad_input(case, builders, folders, snapshot):
     """The responsible API function raises BnfoldError; the stages before it accept the input."""
@@ -392,6 +408,36 @@ def test_export_refuses_pickled_checkpoint(folders, run_cli, snapshot):
     with pytest.raises(BnfoldError, match="pickle"):
         load_checkpoint(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, expect",
+    [
+        ("missing", r"no such file|does not exist"),
+        ("random-bytes", r"not a valid \.npz|not a zip"),
+        ("truncated", r"not a valid \.npz|not a zip|truncated"),
+        ("no-meta", r"__meta__"),
+        ("bad-meta", r"__meta__|JSON|json"),
+    ],
+)
+def test_export_refuses_bad_checkpoint(kind, expect, folders, run_cli, snapshot):
+    src_dir, out_dir = folders
+    ckpt = src_dir / "ckpt.npz"
+    meta = {"format": "bnfold.checkpoint", "version": 1, "layers": [{"type": "Dense", "in_features": 2,
+            "out_features": 3, "use_bias": False}]}
+    if kind == "random-bytes":
+        ckpt.write_bytes(np.random.default_rng(1).bytes(300))
+    elif kind == "truncated":
+        np.savez(ckpt, __meta__=np.array(json.dumps(meta)), **{"0.weight": np.ones((2, 3), np.float32)})
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    elif kind == "no-meta":
+        np.savez(ckpt, **{"0.weight": np.ones((2, 3), np.float32)})
+    elif kind == "bad-meta":
+        np.savez(ckpt, __meta__=np.array("{not json"), **{"0.weight": np.ones((2, 3), np.float32)})
+    before = snapshot(_inputs(src_dir), [src_dir, out_dir])
+    line = run_cli(["export", ckpt, "-o", out_dir / "m.onnx"]).assert_one_line_error(2)
+    assert "ckpt.npz" in line and re.search(expect, line), line
+    before.assert_unchanged()
 
 
 # ------------------------------------------------------------------------------------------

@@ -113,3 +113,45 @@ def test_success_replaces_output_atomically(existing_out, run_cli):
     assert result.code == 0, result.stderr
     assert sorted(os.listdir(out.parent)) == ["out.onnx"]
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load_model(str(out)).graph.node)
+
+
+def test_interrupt_while_replacing_external_data_output_keeps_previous_pair(builders, tmp_path, run_cli, monkeypatch):
+    """An OUT written with external data (because IN had it) and its data file stay a matching
+    pair: interrupting the replacement of OUT leaves the previous OUT reading its own weights."""
+    import bnfold.io
+
+    def external_input(model, folder: Path) -> Path:
+        folder.mkdir()
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        path = folder / "in.onnx"
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="in.data", size_threshold=0)
+        return path
+
+    # 16x16x3x3 float32 weights (9 KiB): over the 1 KiB above which tensors go to the data file.
+    first = external_input(builders.conv_bn(c_in=16, c_out=16), tmp_path / "a")
+    second = external_input(builders.conv_bn(np.random.default_rng(9), c_in=16, c_out=16), tmp_path / "b")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "out.onnx"
+    assert run_cli(["convert", first, "-o", out]).code == 0
+    previous = bnfold.io.load_model(out)
+    listing = sorted(os.listdir(out_dir))
+    assert len(listing) == 2, listing  # OUT and its data file
+    calls = []
+
+    real_replace = os.replace
+
+    def interrupt_on_model(src, dst):
+        calls.append(Path(dst).name)
+        if Path(dst).name == "out.onnx":
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupt_on_model)
+    result = run_cli(["convert", second, "-o", out, "--force"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert result.code == 2 and "Traceback" not in result.stderr
+    assert calls[-1] == "out.onnx" and len(calls) >= 2, calls  # the data file was replaced first
+    assert bnfold.io.load_model(out).SerializeToString() == previous.SerializeToString()
+    assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp") or name.startswith(".out.onnx")]
