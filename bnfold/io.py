@@ -118,6 +118,12 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     """
     path = Path(path)
     _check_input_file(path)
+    size = path.stat().st_size
+    if size > _PROTOBUF_LIMIT:
+        raise BnfoldError(
+            f"{path}: {size} bytes is more than an ONNX protobuf can hold (2 GiB); large models keep"
+            " their tensors in external data files"
+        )
     data = _read_bytes(path)
     model = onnx.ModelProto()
     try:

@@ -61,6 +61,11 @@ def _directory(folder, builders):
     return folder / "in.onnx"
 
 
+def _named_pipe(folder, builders):
+    os.mkfifo(folder / "in.onnx")  # reading it would block: must be refused from stat alone
+    return folder / "in.onnx"
+
+
 def _truncated(folder, builders):
     data = builders.conv_bn().SerializeToString()
     return _bytes(data[: len(data) * 2 // 3])(folder, builders)
@@ -171,6 +176,7 @@ CASES = [
     Case("missing-path", _missing, r"no such file|does not exist", "load"),
     Case("directory", _directory, r"directory", "load"),
     Case("empty-file", _bytes(b""), r"empty", "load"),
+    Case("named-pipe", _named_pipe, r"not a regular file", "load"),
     Case("random-bytes", _bytes(np.random.default_rng(5).bytes(512)), r"not a valid ONNX model", "load"),
     Case("truncated", _truncated, r"not a valid ONNX model|fails onnx.checker|no graph", "load"),
     Case("tensor-proto", _tensor_proto, r"not (a valid ONNX model|an ONNX model)", "load"),

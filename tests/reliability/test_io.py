@@ -66,6 +66,30 @@ def test_load_refuses_non_files(tmp_path, content, expected):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_load_refuses_special_files_without_reading(tmp_path, kind):
+    """A named pipe would block forever and /dev/zero never ends: refused from stat alone."""
+    if kind == "fifo":
+        path = tmp_path / "pipe.onnx"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+        if not path.exists():
+            pytest.skip("no /dev/zero")
+    with pytest.raises(BnfoldError, match="not a regular file"):
+        bio.load_model(path)
+    with pytest.raises(BnfoldError, match="not a regular file"):
+        bio.load_npz(path)
+
+
+def test_load_refuses_file_over_protobuf_limit(tmp_path):
+    path = tmp_path / "huge.onnx"
+    with open(path, "wb") as handle:  # sparse: no disk space used
+        handle.truncate(2**31 + 10)
+    with pytest.raises(BnfoldError, match="more than an ONNX protobuf can hold"):
+        bio.load_model(path)
+
+
 def test_load_refuses_truncated_model(builders, tmp_path):
     data = builders.conv_bn().SerializeToString()
     # Every cut through the file either fails to parse or fails validation; none gets through.
