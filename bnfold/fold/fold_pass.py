@@ -146,6 +146,8 @@ class FoldBatchNormPass:
         changed = False
         for node in index.nodes:
             for attr in node.attribute:
+                if attr.type != onnx.AttributeProto.GRAPH and attr.type != onnx.AttributeProto.GRAPHS:
+                    continue
                 for sub in attr_graphs(attr):
                     path = f"{index.path}/{node_label(node)}.{attr.name}"
                     changed |= self._visit(GraphIndex.for_graph(sub, index.ctx, path, parent=index))

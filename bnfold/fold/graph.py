@@ -49,6 +49,7 @@ Index rules (each pattern may rely on them)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -268,6 +269,7 @@ _RAW_DTYPES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def np_dtype(elem_type: int) -> np.dtype | None:
     """NumPy dtype of an ONNX element type (ml_dtypes' bfloat16 for BFLOAT16), or None."""
     try:
@@ -525,8 +527,9 @@ class GraphIndex:
     def _uses(self, node: onnx.NodeProto) -> set[str]:
         used = {name for name in node.input if name}
         for attr in node.attribute:
-            for sub in attr_graphs(attr):
-                used |= _captured(sub)
+            if attr.type == AttributeProto.GRAPH or attr.type == AttributeProto.GRAPHS:
+                for sub in attr_graphs(attr):
+                    used |= _captured(sub)
         return used
 
     def _link(self, node: onnx.NodeProto) -> None:
@@ -920,6 +923,7 @@ def _captured(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+@functools.lru_cache(maxsize=None)
 def _smallest_normal(dtype: np.dtype) -> float | None:
     try:
         return float(np.finfo(dtype).tiny)
