@@ -14,6 +14,7 @@ file loads without them; the test modules skip themselves with ``pytest.importor
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import logging
@@ -42,6 +43,9 @@ TORCH_EXPORTERS: dict[str, dict] = {
     # The torch.export based exporter as users call it (its optimizer already folds BN that
     # follows Conv/Gemm, but not BN in front of a linear layer).
     "dynamo-opt": {"dynamo": True},
+    # A model exported in training mode (torch.onnx.TrainingMode.TRAINING): BN nodes with
+    # training_mode=1 and running mean/variance outputs, which must never be folded.
+    "classic-train": {"dynamo": False, "training": "TRAINING"},
 }
 
 
@@ -181,7 +185,9 @@ def _assert_nontrivial_torch(module) -> None:
 def _export_torch(module, x: np.ndarray, path: Path, exporter: str) -> onnx.ModelProto:
     import torch
 
-    kwargs = TORCH_EXPORTERS[exporter]
+    kwargs = dict(TORCH_EXPORTERS[exporter])
+    if "training" in kwargs:
+        kwargs["training"] = getattr(torch.onnx.TrainingMode, kwargs["training"])
     # The exporters are chatty (progress lines on stdout, deprecation warnings): keep the test
     # output readable.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -226,6 +232,10 @@ def torch_export(tmp_path_factory, torch_cases) -> Callable[[str, str], Exported
             modules[name] = (module, x, y)
         if (name, exporter) not in exported:
             module, x, y = modules[name]
+            if "training" in TORCH_EXPORTERS[exporter]:
+                # A training-mode trace runs BN in training mode, which updates the running
+                # statistics: export a copy so the cached module and its output stay valid.
+                module = copy.deepcopy(module)
             model = _export_torch(module, x, folder / f"{name}.{exporter}.onnx", exporter)
             exported[name, exporter] = Exported(model, {"x": x}, [y])
         return exported[name, exporter]

@@ -107,3 +107,16 @@ def test_dynamo_raw_graph_has_computed_zero_bias(torch_export):
     initializers = {t.name for t in folded.graph.initializer}
     for conv in (n for n in folded.graph.node if n.op_type == "Conv"):
         assert len(conv.input) == 3 and conv.input[2] in initializers
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "bn-before-conv"])
+@pytest.mark.parametrize("decompose_rest", [False, True])
+def test_training_mode_export_is_never_folded(name, decompose_rest, torch_export, torch_cases):
+    """Exported with TrainingMode.TRAINING, every BN normalizes with batch statistics: nothing
+    may be folded or decomposed, and the model comes back unchanged."""
+    model = torch_export(name, "classic-train").model
+    assert count(model, "BatchNormalization") == torch_cases[name].n_bn
+    out, report = fold(model, decompose_rest=decompose_rest)
+    assert report.kept == report.total == torch_cases[name].n_bn
+    assert all("training_mode=1" in entry.reason for entry in report.entries), report.lines()
+    assert out == model
