@@ -120,3 +120,17 @@ def test_training_mode_export_is_never_folded(name, decompose_rest, torch_export
     assert report.kept == report.total == torch_cases[name].n_bn
     assert all("training_mode=1" in entry.reason for entry in report.entries), report.lines()
     assert out == model
+
+
+@pytest.mark.parametrize("exporter", ["classic", "dynamo"])
+def test_decompose_rest_on_the_bn_before_a_padded_conv(exporter, torch_export, ort_run):
+    """The BN that cannot be folded (in front of a padded Conv) becomes Mul + Add; the other
+    one is still folded; outputs match PyTorch."""
+    exported = torch_export("bn-before-conv", exporter)
+    folded, report = fold(exported.model, decompose_rest=True)
+    assert (report.folded, report.decomposed, report.kept) == (1, 1, 0), report.lines()
+    assert count(folded, "BatchNormalization") == 0
+    onnx.checker.check_model(folded, full_check=True)
+    (actual,) = ort_run(folded, exported.inputs)
+    (torch_out,) = exported.expected
+    np.testing.assert_allclose(actual, torch_out, rtol=0, atol=tolerance(torch_out))
