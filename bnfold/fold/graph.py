@@ -269,6 +269,9 @@ _RAW_DTYPES = {
 }
 
 
+_tensor_dtype = functools.lru_cache(maxsize=None)(helper.np_dtype_to_tensor_dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def np_dtype(elem_type: int) -> np.dtype | None:
     """NumPy dtype of an ONNX element type (ml_dtypes' bfloat16 for BFLOAT16), or None."""
@@ -504,6 +507,7 @@ class GraphIndex:
             for vi in getattr(function, "value_info", ()):
                 self.types.setdefault(vi.name, vi.type)
             self.opsets = {**ctx.opsets, **{i.domain or "": i.version for i in function.opset_import}}
+        self._uses_cache: dict[int, set[str]] = {}
         for node in self.nodes:
             self._link(node)
         self._removed: set[int] = set()
@@ -525,6 +529,15 @@ class GraphIndex:
         return cls(ctx, path, function=function)
 
     def _uses(self, node: onnx.NodeProto) -> set[str]:
+        # Cached by identity: nodes are never edited in place (rewrites build new ones), and every
+        # node seen here stays referenced by ``nodes`` or a replacement list, so ids are stable.
+        key = id(node)
+        used = self._uses_cache.get(key)
+        if used is None:
+            used = self._uses_cache[key] = self._compute_uses(node)
+        return used
+
+    def _compute_uses(self, node: onnx.NodeProto) -> set[str]:
         used = {name for name in node.input if name}
         for attr in node.attribute:
             if attr.type == AttributeProto.GRAPH or attr.type == AttributeProto.GRAPHS:
@@ -821,7 +834,7 @@ class GraphIndex:
             new_nodes.extend(replacement)
         constant_nodes = []
         for name, array in rewrite.constants.items():
-            elem_type = helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype)
+            elem_type = _tensor_dtype(np.asarray(array).dtype)
             if self.function is not None:
                 tensor = array_to_tensor(array, name, elem_type)
                 constant_nodes.append(helper.make_node("Constant", [], [name], value=tensor))
@@ -887,7 +900,10 @@ class GraphIndex:
             out.append(node)
 
     def commit(self) -> None:
-        """Write the queued edits into the graph / function (one pass over its nodes)."""
+        """Write the queued edits into the graph / function (one pass over its nodes).
+
+        This ends the index's life: its node references point at the old node list afterwards.
+        """
         if not self.changed:
             return
         self._dead_constant_nodes()
@@ -898,6 +914,7 @@ class GraphIndex:
         del body.node[:]
         body.node.extend(rebuilt)
         self.nodes = list(body.node)
+        self._uses_cache.clear()  # the node objects changed: ids may be reused
         stale = self._vanished - set(self.producer)
         value_info = getattr(body, "value_info", None)
         if stale and value_info is not None and any(vi.name in stale for vi in value_info):
