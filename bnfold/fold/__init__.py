@@ -3,7 +3,9 @@
 - `algebra`: the one fold formula, pure NumPy, float64.
 - `graph`: per-graph indexes, constant evaluation, the pattern protocol and rewrite API.
 - `into_producer`: Conv / ConvTranspose / Gemm / MatMul(+Add) -> BN.
-- `fold_pass`: the pass that visits every graph and applies the patterns.
+- `into_consumer`: BN -> Conv / Gemm / MatMul.
+- `decomposed`: per-channel Mul / Add / Sub chains (exporters' decomposed BN), ``decompose_rest``.
+- `fold_pass`: the pass that visits every graph and applies the patterns, in that order.
 - `report`: `FoldReport` / `FoldEntry`, what happened to each BN.
 """
 
