@@ -38,7 +38,9 @@ Index rules (each pattern may rely on them)
    (If / Loop / Scan) read it from the outer scope; graph outputs are in ``outputs``.
 3. ``constant(name)`` evaluates initializers (NumPy views of their raw bytes), ``Constant`` nodes and
    small constant subgraphs: Identity, Cast, CastLike (its second input is read for its dtype only),
-   ConstantOfShape, Reshape, Unsqueeze, Squeeze, Expand and Shape of a statically shaped value
+   ConstantOfShape, Reshape, Unsqueeze, Squeeze, Expand, Transpose (PyTorch's exporter writes a
+   Linear weight as ``Transpose(W)`` without constant folding), Concat, and Shape of a statically
+   shaped value
    (the PyTorch ``dynamo=True`` zero bias is ``Shape -> Expand -> CastLike -> Expand``). Names not
    defined in a subgraph are looked up in the enclosing graph. Results are cached; callers must not
    write into returned arrays.
@@ -100,7 +102,7 @@ _CACHE_MAX_BYTES = 1 << 16
 #: Ops whose outputs are pure functions of their inputs, removed when a fold leaves them unused.
 _PURE_CONSTANT_OPS = frozenset(
     {"Constant", "Identity", "Cast", "CastLike", "ConstantOfShape", "Reshape", "Unsqueeze",
-     "Squeeze", "Expand", "Shape"}
+     "Squeeze", "Expand", "Shape", "Transpose", "Concat"}
 )
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -1051,6 +1053,15 @@ def _eval_shape(index, node, args):
     return np.array(shape[start:end], dtype=np.int64)
 
 
+def _eval_transpose(index, node, args):
+    perm = get_attr(node, "perm")  # ONNX Transpose default: reverse the axes
+    return np.transpose(np.asarray(args[0]), None if perm is None else [int(p) for p in perm])
+
+
+def _eval_concat(index, node, args):
+    return np.concatenate([np.asarray(a) for a in args], axis=int(get_attr(node, "axis")))
+
+
 _CONSTANT_OPS: dict[str, Callable] = {
     "Constant": _eval_constant,
     "Identity": _eval_identity,
@@ -1062,6 +1073,8 @@ _CONSTANT_OPS: dict[str, Callable] = {
     "Squeeze": _eval_squeeze,
     "Expand": _eval_expand,
     "Shape": _eval_shape,
+    "Transpose": _eval_transpose,
+    "Concat": _eval_concat,
 }
 
 

@@ -323,6 +323,25 @@ def test_constant_subgraphs_are_evaluated(fk):
     assert len(out.graph.initializer) == 2
 
 
+def test_transposed_linear_weight_and_concat(fk):
+    """torch.onnx.export without constant folding writes Linear(bias=False) as
+    MatMul(x, Transpose(W)); a BN statistic assembled by Concat is constant too."""
+    rng = np.random.default_rng(30)
+    gamma, beta, mean, var = fk.bn_arrays(rng, 5)
+    nodes = [
+        helper.make_node("Transpose", ["fc.weight"], ["wt"], name="t"),
+        helper.make_node("MatMul", ["x", "wt"], ["z"], name="fc"),
+        helper.make_node("Concat", ["mean_a", "mean_b"], ["mean"], axis=0),
+        helper.make_node("BatchNormalization", ["z", "g", "b", "mean", "v"], ["y"], name="bn"),
+    ]
+    inits = [fk.init("fc.weight", rng.standard_normal((5, 4)), fk.F32), fk.init("g", gamma, fk.F32),
+             fk.init("b", beta, fk.F32), fk.init("mean_a", mean[:2], fk.F32), fk.init("mean_b", mean[2:], fk.F32),
+             fk.init("v", var, fk.F32)]
+    m = fk.model(nodes, [fk.vi("x", fk.F32, ["N", 4])], [fk.vi("y", fk.F32, ["N", 5])], inits)
+    out, _ = fk.fold_and_check(m, folded=1, rng=rng)
+    assert [n.op_type for n in out.graph.node] == ["Gemm"] and len(out.graph.initializer) == 2
+
+
 def _zero_bias_nodes(layout, c):
     if layout == "torch":
         # As torch 2.13 writes it (dynamo=True, optimize=False): the bias shape is Shape(W)[0:1]
