@@ -25,7 +25,17 @@ _COMMANDS = {
 }
 
 
+class _Interrupted(Exception):
+    """Ctrl-C inside a command; raised past click, which would print a blank line first."""
+
+
 class _LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(_COMMANDS)
 
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), 1)
     except BnfoldError as exc:
         _fail(str(exc), 2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         _fail("interrupted", 2)
     except MemoryError:
         _fail("out of memory", 2)
