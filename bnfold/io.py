@@ -129,9 +129,10 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     try:
         model.ParseFromString(data)
     except Exception as exc:  # google.protobuf DecodeError, RuntimeError for deep nesting, ...
-        raise BnfoldError(
-            f"{path}: not a valid ONNX model (protobuf: {_one_line(exc) or type(exc).__name__})"
-        ) from None
+        detail = _one_line(exc) or type(exc).__name__
+        if "depth" in detail.lower() or "recursion" in detail.lower():
+            detail = f"subgraphs nested more deeply than protobuf parses: {detail}"
+        raise BnfoldError(f"{path}: not a valid ONNX model (protobuf: {detail})") from None
     del data
     if not model.HasField("graph"):
         raise BnfoldError(f"{path}: not an ONNX model (no graph; is it another protobuf message?)")

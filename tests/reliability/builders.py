@@ -220,3 +220,45 @@ def random_foldable(rng: np.random.Generator) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)],
         inits,
     )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes | str) -> bytes:
+    payload = payload.encode() if isinstance(payload, str) else payload
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def nested_if_bytes(depth: int) -> bytes:
+    """A model whose Gemm -> BN sits `depth` If-branches deep, serialized by hand.
+
+    Encoded directly in the protobuf wire format (field numbers from onnx.proto) because the
+    protobuf runtime refuses to build messages deeper than its own limit, which is the point of
+    the deepest cases.
+    """
+    inner = gemm_bn()
+    inner.graph.ClearField("input")
+    graph = inner.graph.SerializeToString()
+    zeros = numpy_helper.from_array(np.zeros((1, 4), np.float32), "zeros")
+    other = helper.make_graph([helper.make_node("Constant", [], ["y"], value=zeros)], "other", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]).SerializeToString()
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]).SerializeToString()
+    graph_type = _varint(20 << 3) + _varint(onnx.AttributeProto.GRAPH)  # AttributeProto.type
+    for level in range(depth):
+        then_attr = _field(1, "then_branch") + _field(6, graph) + graph_type
+        else_attr = _field(1, "else_branch") + _field(6, other) + graph_type
+        node = _field(1, "cond") + _field(2, "y") + _field(3, f"if{level}") + _field(4, "If")
+        node += _field(5, then_attr) + _field(5, else_attr)
+        graph = _field(1, node) + _field(2, f"level{level}") + _field(12, output)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    graph += b"".join(_field(11, value.SerializeToString()) for value in inputs)
+    opset = helper.make_opsetid("", OPSET).SerializeToString()
+    return _varint(1 << 3) + _varint(8) + _field(8, opset) + _field(7, graph)  # ir_version 8

@@ -589,3 +589,79 @@ def test_threads_bound_onnxruntime_sessions(builders, monkeypatch):
     monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
     assert verify(builders.gemm_bn(), builders.gemm_bn(), threads=2).ok
     assert seen and all(pair == (2, 2) for pair in seen), seen
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile names and paths
+
+
+_HOSTILE = "\x1b]0;owned\x07\x1b[2J\rbn\nnext"  # terminal title, clear screen, CR, newline
+
+
+def _printable(text: str) -> bool:
+    return all(ch.isprintable() for ch in text)
+
+
+def test_error_line_escapes_control_characters_from_the_model(builders, folders, run_cli):
+    """Names come from untrusted files: printed raw, escape sequences would drive the terminal."""
+    src_dir, out_dir = folders
+    model = builders.gemm_bn(var=np.array([1.0, np.nan, 1.0, 1.0]))
+    model.graph.node[1].name = _HOSTILE
+    src = _write(src_dir, model)
+    line = run_cli(["convert", src, "-o", out_dir / "out.onnx"]).assert_one_line_error(2)
+    assert _printable(line), repr(line)
+
+
+def test_summary_escapes_control_characters_from_the_model(builders, folders, run_cli):
+    src_dir, out_dir = folders
+    model = builders.gemm_bn(training_mode=1)  # kept: its name is printed in the summary
+    model.graph.node[1].name = _HOSTILE
+    src = _write(src_dir, model)
+    result = run_cli(["convert", src, "-o", out_dir / "out.onnx"])
+    assert result.code == 0, result.stderr
+    assert all(_printable(line) for line in result.stdout.splitlines()), repr(result.stdout)
+
+
+def test_output_symlink_is_replaced_not_followed(builders, folders, run_cli):
+    """--force over an OUT that is a symbolic link replaces the link; its target is untouched."""
+    src_dir, out_dir = folders
+    src = _good_model(src_dir, builders)
+    victim = src_dir.parent / "victim.txt"
+    victim.write_bytes(b"do not overwrite")
+    out = out_dir / "out.onnx"
+    out.symlink_to(victim)
+    line = run_cli(["convert", src, "-o", out]).assert_one_line_error(2)
+    assert "already exists" in line
+    assert run_cli(["convert", src, "-o", out, "--force"]).code == 0
+    assert victim.read_bytes() == b"do not overwrite"
+    assert not out.is_symlink() and onnx.load_model(str(out)).graph.node
+
+
+@pytest.mark.parametrize("target", ["input", "output"])
+def test_json_report_over_a_model_is_refused(target, builders, folders, run_cli, snapshot):
+    src_dir, out_dir = folders
+    src = _good_model(src_dir, builders)
+    out = out_dir / "out.onnx"
+    json_path = src if target == "input" else out
+    before = snapshot(_inputs(src_dir), [src_dir, out_dir])
+    line = run_cli(["convert", src, "-o", out, "--json", json_path, "--force"]).assert_one_line_error(2)
+    assert json_path.name in line, line
+    before.assert_unchanged()
+
+
+def test_deeply_nested_subgraphs_answer_cleanly(builders, folders, run_cli):
+    """If-in-If nesting: within protobuf's depth limit the inner BN folds; beyond it, a one-line
+    parse error. Never a RecursionError or a crash."""
+    src_dir, out_dir = folders
+    # Each level nests graph -> node -> attribute -> graph: 10 levels are within protobuf's
+    # default depth limit of 100 messages, 60 levels are not.
+    for depth, code in ((10, 0), (60, 2)):
+        src = src_dir / f"nested{depth}.onnx"
+        src.write_bytes(builders.nested_if_bytes(depth))
+        result = run_cli(["convert", src, "-o", out_dir / f"out{depth}.onnx", "--no-verify"])
+        assert "Traceback" not in result.stderr and "RecursionError" not in result.stderr
+        if code:
+            assert "nested more deeply" in result.assert_one_line_error(code)
+        else:
+            assert result.code == 0, result.stderr
+            assert "BN folded 1 of 1" in result.stdout, result.stdout
