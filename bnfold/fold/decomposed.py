@@ -28,7 +28,8 @@ Rules (cited in the code as "rule N"):
    ``MatMul(A, W') -> Add(b')`` (exact for any rank of ``A``: the bias broadcasts along the last
    axis, which is the channel axis). The chain's Transposes are kept, in order, after the
    producer; its Casts, Identities and arithmetic nodes are removed; the chain's final value
-   keeps its name. The report entry is named after the chain's first Sub / Mul / Div.
+   keeps its name. The report entry is named after the chain's first Sub / Mul / Div; that
+   name in ``exclude`` leaves the chain as it is.
 5. ``decompose_rest``: a BN that nothing could fold (inference mode, constant parameters, known
    input rank >= 2) becomes ``Mul(x, s) -> Add(., t)`` with ``s``, ``t`` of shape
    (C, 1, ..., 1), computed in float64 and cast once to the input's dtype (status
@@ -242,6 +243,8 @@ def fold_decomposed_chain(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | 
     chain = collapse_chain(node.output[0], index, channels=channels, rank=rank, axis=axis, elem_type=elem_type)
     if chain is None or not chain.scales:
         return None  # rule 3
+    if node_label(chain.first_scaling) in index.options.exclude:
+        return Skip("excluded")
     target = node.output[0] if chain.transposes else chain.final
     if node.op_type == "MatMul":
         result = _fold_matmul(node, chain, target, index)

@@ -362,3 +362,12 @@ def test_chain_in_if_branch_and_function(fk):
     assert [(e.graph, e.bn, e.into) for e in report.entries] == [
         ("main/if.then_branch", "mul_then", "conv_then"), ("function:local.Head", "f_mul", "f_mm")]
     assert [n.op_type for n in out.functions[0].node] == ["Constant", "Constant", "MatMul", "Add"]
+
+
+def test_exclude_leaves_a_chain_unfolded(fk):
+    """``exclude`` names a chain by its report name (its first Sub / Mul / Div), as bisection of
+    failing folds does."""
+    rng = np.random.default_rng(25)
+    m = _keras_conv_model(fk, rng)
+    out, report = fold(m, exclude=["bn/Sub"])
+    assert report.folded == 0 and out == m
