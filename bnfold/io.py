@@ -8,8 +8,10 @@ Reading
        absolute location, no ``..`` escape, no symbolic link resolving outside (the class of path
        traversal that ONNX loaders have shipped, e.g. GHSA-538c-55jv-c5g9). Offset and length are
        checked against the file size and the tensor's declared shape before anything is read.
-    4. With ``check=True`` (the default) the model must pass ``onnx.checker.check_model`` (not the
-       full check, which also runs shape inference); the checker's message is quoted.
+    4. With ``check=True`` (the default) every name must be UTF-8 (protobuf hands out other names
+       as ``bytes``, which downstream code does not expect) and the model must pass
+       ``onnx.checker.check_model`` (not the full check, which also runs shape inference); the
+       checker's message is quoted.
     5. ``.npz`` arrays are read without ever unpickling; every member's declared size is checked
        against the archive before memory is allocated for it.
 
@@ -139,8 +141,39 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     _check_versions(model, path)
     _load_external_data(model, path)
     if check:
+        _check_names(model, path)
         check_model(model, path)
     return model
+
+
+def _check_names(model: onnx.ModelProto, source: Path | str) -> None:
+    """Refuse names that are not UTF-8 (ONNX requires it; protobuf then hands out bytes, not str).
+
+    Covers what bnfold reads: node, value, initializer, attribute and domain names, in every
+    graph and function (about 10 us per node).
+    """
+    graphs: list = [model.graph, *model.functions]
+    names: list = [opset.domain for opset in model.opset_import]
+    for function in model.functions:
+        names += [function.name, function.domain, *function.input, *function.output]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            names += node.input
+            names += node.output
+            names += (node.name, node.op_type, node.domain)
+            for attribute in node.attribute:
+                names.append(attribute.name)
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attribute.g)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attribute.graphs)
+        if isinstance(graph, onnx.GraphProto):
+            names += [value.name for value in (*graph.input, *graph.output, *graph.value_info)]
+            names += [tensor.name for tensor in graph.initializer]
+    if not all(type(name) is str for name in names):
+        bad = next(name for name in names if type(name) is not str)
+        raise BnfoldError(f"{source}: the name {bad!r} is not valid UTF-8 (ONNX names are UTF-8 strings)")
 
 
 def _known_opsets() -> dict[str, int]:

@@ -66,6 +66,12 @@ def _named_pipe(folder, builders):
     return folder / "in.onnx"
 
 
+def _non_utf8_name(folder, builders):
+    model = builders.gemm_bn()
+    model.graph.node[0].name = "gemmXX"
+    return _bytes(model.SerializeToString().replace(b"gemmXX", b"gemm\xe7X"))(folder, builders)
+
+
 def _truncated(folder, builders):
     data = builders.conv_bn().SerializeToString()
     return _bytes(data[: len(data) * 2 // 3])(folder, builders)
@@ -182,6 +188,7 @@ CASES = [
     Case("tensor-proto", _tensor_proto, r"not (a valid ONNX model|an ONNX model)", "load"),
     Case("graph-proto", _graph_proto, r"not an ONNX model \(no graph", "load"),
     Case("checker-fails", _checker_fails, r"fails onnx.checker.*Gem", "load"),
+    Case("non-utf8-name", _non_utf8_name, r"not valid UTF-8", "load"),
     Case("ir-version-too-new", _new_ir, rf"IR version {onnx.IR_VERSION + 5} is newer", "load"),
     Case("opset-too-new", _new_opset, rf"opset {onnx.defs.onnx_opset_version() + 3} .*newer", "load"),
     Case("bn-wrong-param-shape", _wrong_bn_shape, r"'bn'.*(shape|\(3,\))|(shape|\(3,\)).*'bn'", "fold"),

@@ -151,6 +151,16 @@ def test_load_quotes_checker_failure(builders, save):
     bio.load_model(path, check=False)  # check=False leaves validation to the caller
 
 
+def test_load_refuses_names_that_are_not_utf8(builders, tmp_path):
+    model = builders.gemm_bn()
+    model.graph.node[1].name = "bnXX"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString().replace(b"bnXX", b"bn\xff\xfe"))
+    with pytest.raises(BnfoldError, match=r"b'bn\\xff\\xfe' is not valid UTF-8"):
+        bio.load_model(path)
+    assert bio.load_model(path, check=False).graph.node[1].name == b"bn\xff\xfe"
+
+
 @pytest.mark.parametrize("kind", ["missing-initializer", "cycle"])
 def test_checker_refuses_dangling_inputs_and_cycles(builders, save, kind):
     if kind == "cycle":
