@@ -28,6 +28,7 @@ All user-facing failures raise `BnfoldError` with a one-line message naming the 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import os
@@ -488,45 +489,63 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         tmp.write_bytes(data)
 
 
+def _goes_external(tensor: onnx.TensorProto) -> bool:
+    return (
+        tensor.data_location != onnx.TensorProto.EXTERNAL
+        and tensor.data_type != onnx.TensorProto.STRING
+        and tensor.ByteSize() >= _EXTERNAL_MIN_BYTES
+    )
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    # ONNX raw_data is little-endian; numpy_helper converts typed fields the same way.
+    return tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+
+
 def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    blob = hashlib.sha256()
-    chunks: list[tuple[onnx.TensorProto, bytes]] = []
-    for tensor in _all_tensors(light):
+    """Write the large tensors to ``<name>.<hash>.data``, then the model referring to it.
+
+    The data file is complete and in place before the model is replaced, and its name depends
+    on its content: the previous model keeps reading its own data file until the moment it is
+    replaced; that file is removed only afterwards. Memory: one copy of the model without its
+    large tensors' data, plus one tensor at a time.
+    """
+    for tensor in _all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise BnfoldError(f"{path}: tensor '{tensor.name}' still refers to external data; load it first")
-        if tensor.ByteSize() < _EXTERNAL_MIN_BYTES or tensor.data_type == onnx.TensorProto.STRING:
-            continue
-        raw = onnx.numpy_helper.to_array(tensor).tobytes() if not tensor.HasField("raw_data") else tensor.raw_data
-        chunks.append((tensor, raw))
-        blob.update(raw)
-    if not chunks:
-        save_model(light, path, external_data=False)
+    originals = [tensor for tensor in _all_tensors(model) if _goes_external(tensor)]
+    if not originals:
+        save_model(model, path, external_data=False)
         return
-    data_name = f"{path.name}.{blob.hexdigest()[:16]}.data"
+    digest = hashlib.sha256()
+    spans = []
     offset = 0
-    for tensor, raw in chunks:
-        # ONNX ExternalData.md: offsets may be aligned; 64 bytes keeps every dtype aligned.
+    for tensor in originals:
+        raw = _raw_bytes(tensor)
+        digest.update(raw)
+        # ONNX ExternalData.md allows aligned offsets; 64 bytes keeps every dtype aligned.
         offset = -(-offset // 64) * 64
+        spans.append((offset, len(raw)))
+        offset += len(raw)
+    data_name = f"{path.name}.{digest.hexdigest()[:16]}.data"
+    data_path = path.with_name(data_name)
+    previous = _sidecars_of(path)
+    with atomic_path(data_path) as tmp, open(tmp, "wb") as handle:
+        for tensor, (start, _) in zip(originals, spans):
+            handle.seek(start)
+            handle.write(_raw_bytes(tensor))
+
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    lights = [tensor for tensor in _all_tensors(light) if _goes_external(tensor)]
+    for tensor, (start, length) in zip(lights, spans):
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
             tensor.ClearField(field)
         tensor.data_location = onnx.TensorProto.EXTERNAL
         del tensor.external_data[:]
-        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+        for key, value in (("location", data_name), ("offset", str(start)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        offset += len(raw)
-    previous = _sidecars_of(path)
-    data_path = path.with_name(data_name)
-    with atomic_path(data_path) as tmp:
-        with open(tmp, "wb") as handle:
-            position = 0
-            for tensor, raw in chunks:
-                start = int(next(e.value for e in tensor.external_data if e.key == "offset"))
-                handle.write(b"\x00" * (start - position))
-                handle.write(raw)
-                position = start + len(raw)
     try:
         with atomic_path(path) as tmp:
             tmp.write_bytes(light.SerializeToString())
@@ -536,25 +555,27 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
                 data_path.unlink()
         raise
     for old in previous - {data_path}:
+        log.debug("%s: removing the previous data file %s", path, old.name)
         with contextlib.suppress(OSError):
             old.unlink()
 
 
 def _sidecars_of(path: Path) -> set[Path]:
-    """Sidecar files this module wrote for the model currently at `path` (to remove once replaced)."""
-    if not path.is_file():
-        return set()
+    """Data files this module wrote for the model now at `path` (to remove once it is replaced)."""
+    prefix = f"{path.name}."
+    if not path.is_file() or not any(path.parent.glob(f"{glob.escape(prefix)}*.data")):
+        return set()  # nothing of ours to clean up: do not parse a possibly large model
     try:
         old = onnx.load_model(str(path), load_external_data=False)
     except Exception:
         return set()
     found = set()
-    prefix = f"{path.name}."
     for tensor in _all_tensors(old):
         for entry in tensor.external_data:
-            if entry.key == "location" and entry.value.startswith(prefix) and entry.value.endswith(".data"):
-                candidate = path.with_name(entry.value)
-                if "/" not in entry.value and "\\" not in entry.value and candidate.is_file():
+            name = entry.value
+            if entry.key == "location" and name.startswith(prefix) and name.endswith(".data") and "/" not in name and "\\" not in name:
+                candidate = path.with_name(name)
+                if candidate.is_file():
                     found.add(candidate)
     return found
 

@@ -490,3 +490,20 @@ def test_output_path_rules(tmp_path, is_root):
         locked.mkdir(mode=0o500)
         with pytest.raises(BnfoldError, match="not writable"):
             bio.check_output_path(locked / "out.onnx", overwrite=False)
+
+
+def test_save_with_external_data_handles_typed_fields_and_spares_unrelated_files(builders, tmp_path, monkeypatch):
+    monkeypatch.setattr(bio, "_EXTERNAL_MIN_BYTES", 64)
+    model = builders.gemm_bn()
+    values = np.arange(40, dtype=np.float32)
+    # float_data instead of raw_data: the other way ONNX stores a tensor.
+    model.graph.initializer.append(helper.make_tensor("typed", TensorProto.FLOAT, [40], values.tolist(), raw=False))
+    target = tmp_path / "out.onnx"
+    (tmp_path / "out.onnx.mine.data").write_bytes(b"a user's file that only looks like a data file")
+    bio.save_model(model, target, external_data=True)
+    bio.save_model(builders.gemm_bn(np.random.default_rng(3)), target, external_data=True)
+    bio.save_model(model, target, external_data=True)
+    loaded = bio.load_model(target)
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[-1]), values)
+    data_files = sorted(n for n in os.listdir(tmp_path) if n.endswith(".data"))
+    assert len(data_files) == 2 and "out.onnx.mine.data" in data_files, data_files
