@@ -416,6 +416,46 @@ def _differs_only_at_overflow(model: onnx.ModelProto, folded: onnx.ModelProto, b
     return found_overflow
 
 
+def run_cli_case(data: bytes, folder: Path, api_status: str, *, timeout: float = 120.0) -> None:
+    """Run ``python -m bnfold convert`` on `data`; raise `Finding` unless it answers as the API did.
+
+    Expected: exit 0 and only OUT in the output folder for "verified", exit 1 for
+    "failed:overflow", exit 2 otherwise; then exactly one ``bnfold: error:`` line on stderr and an
+    empty output folder. Never a traceback; the input is never modified.
+    """
+    import subprocess
+
+    src_dir, out_dir = Path(folder) / "in", Path(folder) / "out"
+    for sub in (src_dir, out_dir):
+        sub.mkdir(exist_ok=True)
+        for leftover in sub.iterdir():
+            leftover.unlink()
+    src = src_dir / "m.onnx"
+    src.write_bytes(data)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "bnfold", "convert", str(src), "-o", str(out_dir / "o.onnx"),
+               "--batch", "2", "--max-memory", str(VERIFY_MAX_BYTES)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise Finding("cli", f"no answer within {timeout:.0f} s (hang?)") from None
+    expected = {"verified": 0, "failed:overflow": 1}.get(api_status, 2)
+    report = f"exit {proc.returncode} (API: {api_status}); stderr: {proc.stderr.strip()[-2000:]!r}"
+    if "Traceback" in proc.stderr or proc.returncode != expected:
+        raise Finding("cli", f"unexpected answer: {report}", proc.stderr)
+    listing = sorted(p.name for p in out_dir.iterdir())
+    if proc.returncode == 0 and listing != ["o.onnx"]:
+        raise Finding("cli", f"output folder holds {listing} after success")
+    if proc.returncode != 0:
+        lines = proc.stderr.splitlines()
+        if len(lines) != 1 or not lines[0].startswith("bnfold: error: "):
+            raise Finding("cli", f"error is not one 'bnfold: error:' line: {report}", proc.stderr)
+        if listing:
+            raise Finding("cli", f"output folder holds {listing} after an error")
+    if src.read_bytes() != data:
+        raise Finding("cli", "the input file was modified")
+
+
 def random_case(rng: np.random.Generator, seeds: dict[str, bytes], proto_share: float = 0.5) -> tuple[str, bytes, str]:
     """Draw one mutated model: (seed name, bytes, description of the mutations).
 
@@ -505,7 +545,7 @@ def _finding_key(finding: Finding) -> str:
 
 
 def fuzz(cases: int, time_limit: float, seed: int, out: Path, on_progress: Callable[[Summary], None] | None = None,
-         proto_share: float = 0.5) -> Summary:
+         proto_share: float = 0.5, cli_cases: int = 0) -> Summary:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     seeds = seed_models()
@@ -525,29 +565,54 @@ def fuzz(cases: int, time_limit: float, seed: int, out: Path, on_progress: Calla
                 if outcome.message:
                     summary.messages[f"{outcome.status}: {_mask(outcome.message)}"] += 1
             except Finding as finding:
-                summary.outcomes[f"FINDING:{finding.stage}"] += 1
-                key = _finding_key(finding)
-                item = summary.findings.get(key)
-                if item is None:
-                    digest = hashlib.sha256(data).hexdigest()[:12]
-                    file = out / f"finding-{len(summary.findings):03d}-{digest}.onnx"
-                    file.write_bytes(data)
-                    item = summary.findings[key] = {
-                        "key": key, "count": 0, "file": str(file), "seed": name, "mutation": mutation,
-                        "detail": finding.detail, "traceback": finding.tb,
-                    }
-                    log.warning("finding %s: %s", key, finding.detail)
-                item["count"] += 1
+                _record(summary, finding, data, name, mutation, out)
             for leftover in os.listdir(tmp):
                 if leftover != "case.onnx":
                     log.warning("case left a file behind: %s", leftover)
             if on_progress and summary.cases % 500 == 0:
                 summary.seconds = time.monotonic() - start
                 on_progress(summary)
+        _fuzz_cli(cli_cases, np.random.default_rng([seed, 1]), seeds, proto_share, Path(tmp), out, summary)
     summary.seconds = time.monotonic() - start
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     (out / "summary.md").write_text(summary.markdown())
     return summary
+
+
+def _record(summary: Summary, finding: Finding, data: bytes, name: str, mutation: str, out: Path) -> None:
+    summary.outcomes[f"FINDING:{finding.stage}"] += 1
+    key = _finding_key(finding)
+    item = summary.findings.get(key)
+    if item is None:
+        digest = hashlib.sha256(data).hexdigest()[:12]
+        file = out / f"finding-{len(summary.findings):03d}-{digest}.onnx"
+        file.write_bytes(data)
+        item = summary.findings[key] = {
+            "key": key, "count": 0, "file": str(file), "seed": name, "mutation": mutation,
+            "detail": finding.detail, "traceback": finding.tb,
+        }
+        log.warning("finding %s: %s", key, finding.detail)
+    item["count"] += 1
+
+
+def _fuzz_cli(count: int, rng: np.random.Generator, seeds: dict[str, bytes], proto_share: float, tmp: Path,
+              out: Path, summary: Summary) -> None:
+    """`count` cases through the real command line, each checked against the API's answer."""
+    api_dir, cli_dir = tmp / "api", tmp / "cli"
+    api_dir.mkdir(exist_ok=True)
+    cli_dir.mkdir(exist_ok=True)
+    for _ in range(count):
+        name, data, mutation = random_case(rng, seeds, proto_share)
+        try:
+            status = run_case(data, api_dir).status
+        except Finding as finding:
+            _record(summary, finding, data, name, mutation, out)
+            continue
+        try:
+            run_cli_case(data, cli_dir, status)
+            summary.outcomes[f"cli:{status}"] += 1
+        except Finding as finding:
+            _record(summary, finding, data, name, mutation + " (command line)", out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -558,6 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("fuzz-report"), help="folder for the summary and reproducers")
     parser.add_argument("--proto-share", type=float, default=0.5,
                         help="fraction of cases whose parsed model is mutated before any byte mutation")
+    parser.add_argument("--cli-cases", type=int, default=0,
+                        help="after the in-process cases, run this many through `python -m bnfold convert`")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("bnfold").setLevel(logging.CRITICAL)
@@ -565,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(summary: Summary) -> None:
         print(f"{summary.cases} cases, {summary.seconds:.0f} s, {dict(summary.outcomes)}", flush=True)
 
-    summary = fuzz(args.cases, args.time_limit, args.seed, args.out, progress, args.proto_share)
+    summary = fuzz(args.cases, args.time_limit, args.seed, args.out, progress, args.proto_share, args.cli_cases)
     summary_args = vars(args) | {"out": str(args.out)}
     (args.out / "args.json").write_text(json.dumps(summary_args, indent=2))
     print(summary.markdown())
