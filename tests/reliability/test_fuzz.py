@@ -134,3 +134,12 @@ def test_oracle_flags_a_fold_that_changes_the_function(monkeypatch):
     monkeypatch.setattr(bnfold.fold, "fold", wrong_fold)
     with pytest.raises(tool.Finding, match="does not verify"):
         _run(SEEDS["gemm_bn"])
+
+
+def test_cli_oracle_flags_a_wrong_exit_code(tmp_path):
+    """run_cli_case compares with the API's answer (checks the check): garbage is refused with
+    exit 2, so claiming the API verified it must be reported."""
+    garbage = np.random.default_rng(0).bytes(100)
+    tool.run_cli_case(garbage, tmp_path, "refused:load")
+    with pytest.raises(tool.Finding, match="unexpected answer: exit 2"):
+        tool.run_cli_case(garbage, tmp_path, "verified")
