@@ -99,7 +99,8 @@ def _reads_dtype_for_bias_of(user: onnx.NodeProto, y: str, users, index: GraphIn
         if len(readers) != 1:
             return False
         (reader,) = readers
-        if any(reader is u for u in users) and reader is not user and list(reader.input[2:3]) == [name] and name not in reader.input[:2]:
+        is_bias = list(reader.input[2:3]) == [name] and name not in reader.input[:2]
+        if is_bias and reader is not user and any(reader is u for u in users):
             return True
         if reader.op_type not in _BIAS_PATH_OPS or reader.domain not in _DEFAULT_DOMAINS:
             return False
@@ -240,7 +241,9 @@ def _fold_gemm(node, consumer, params: BatchNormParams, index: GraphIndex) -> Re
     trans_b = int(get_attr(consumer, "transB", 0))
     in_axis, out_axis = (1, 0) if trans_b else (0, 1)
     if weight.shape[in_axis] != params.channels:
-        return Skip(f"Gemm '{node_label(consumer)}' contracts {weight.shape[in_axis]} columns, BN has {params.channels}")
+        return Skip(
+            f"Gemm '{node_label(consumer)}' contracts {weight.shape[in_axis]} columns, BN has {params.channels}"
+        )
     found_bias = _bias(index, consumer)
     if isinstance(found_bias, Skip):
         return found_bias
@@ -271,7 +274,9 @@ def _fold_matmul(node, consumer, params: BatchNormParams, index: GraphIndex) -> 
     if rank is None:
         rank = index.rank(node.output[0])
     if rank is None:
-        return Skip(f"rank of BN input '{node.input[0]}' is unknown (BN channel axis 1 must be the MatMul's contraction axis)")
+        return Skip(
+            f"rank of BN input '{node.input[0]}' is unknown (BN channel axis 1 must be the MatMul's contraction axis)"
+        )
     if rank != 2:
         return Skip(f"BN input has rank {rank}: BN normalizes axis 1, not the MatMul's contraction axis")
     found = _weight(index, consumer)

@@ -253,7 +253,8 @@ def test_decomposed_chain_with_foldable_bn_after_it(fk):
     nodes = [helper.make_node("Conv", ["x", "w"], ["z"], name="conv"),
              helper.make_node("Mul", ["z", "s"], ["m"], name="mul"),
              helper.make_node("Add", ["m", "t"], ["a"], name="add"), bn]
-    inits = [fk.init("w", rng.standard_normal((2, 3, 3, 3)), fk.F32), fk.init("s", rng.standard_normal((2, 1, 1)), fk.F32),
+    inits = [fk.init("w", rng.standard_normal((2, 3, 3, 3)), fk.F32),
+             fk.init("s", rng.standard_normal((2, 1, 1)), fk.F32),
              fk.init("t", rng.standard_normal((2, 1, 1)), fk.F32), *bn_inits]
     m = fk.model(nodes, [fk.vi("x", fk.F32, ["N", 3, 6, 6])], [fk.vi("y", fk.F32, 4)], inits)
     out, report = fk.fold_and_check(m, folded=2, rng=rng)
@@ -338,7 +339,8 @@ def test_chain_in_if_branch_and_function(fk):
     """A decomposed BN inside an If branch (outer-scope constants) and inside a model-local
     function (Constant nodes) folds like in the main graph."""
     rng = np.random.default_rng(24)
-    outer = [fk.init("w", rng.standard_normal((4, 3, 1, 1)), fk.F32), fk.init("s", rng.standard_normal((4, 1, 1)), fk.F32),
+    outer = [fk.init("w", rng.standard_normal((4, 3, 1, 1)), fk.F32),
+             fk.init("s", rng.standard_normal((4, 1, 1)), fk.F32),
              fk.init("t", rng.standard_normal((4, 1, 1)), fk.F32)]
     then_g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["zt"], name="conv_then"),
                                 helper.make_node("Mul", ["zt", "s"], ["mt"], name="mul_then"),
