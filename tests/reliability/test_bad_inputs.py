@@ -672,3 +672,26 @@ def test_deeply_nested_subgraphs_answer_cleanly(builders, folders, run_cli):
         else:
             assert result.code == 0, result.stderr
             assert "BN folded 1 of 1" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    "opset, outputs, attributes",
+    [
+        (9, ["rm", "rv", "sm", "sv"], {}),  # BatchNormalization-9: mean/var outputs = training
+        (6, [], {"is_test": 0}),  # BatchNormalization-6: is_test=0 = training
+        (15, ["rm", "rv"], {"training_mode": 1}),  # BatchNormalization-15: training_mode=1
+    ],
+    ids=["opset9-outputs", "opset6-is-test-0", "opset15-training-mode"],
+)
+def test_training_mode_bn_is_kept_in_every_opset(opset, outputs, attributes, builders):
+    from bnfold.fold import fold
+    from bnfold.io import check_model
+
+    model = builders.gemm_bn(opset=opset)
+    model.graph.node[1].output.extend(outputs)
+    model.graph.node[1].attribute.extend(helper.make_attribute(k, v) for k, v in attributes.items())
+    check_model(model)  # a valid model: keeping its BN is the answer, not an error
+    folded, report = fold(model)
+    assert [(e.bn, e.status) for e in report.entries] == [("bn", "kept")]
+    assert re.search(r"training|is_test", report.entries[0].reason), report.entries[0].reason
+    assert [n.op_type for n in folded.graph.node].count("BatchNormalization") == 1
