@@ -505,8 +505,10 @@ class Summary:
         }
 
     def markdown(self) -> str:
+        cli = sum(count for key, count in self.outcomes.items() if key.startswith("cli:"))
         lines = [
-            f"# bnfold fuzz run: {self.cases} cases in {self.seconds:.0f} s",
+            f"# bnfold fuzz run: {self.cases} cases in process"
+            + (f" + {cli} through the command line" if cli else "") + f", {self.seconds:.0f} s",
             "",
             "| outcome | cases |",
             "|---|---|",
