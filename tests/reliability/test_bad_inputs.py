@@ -709,3 +709,23 @@ def test_training_mode_bn_is_kept_in_every_opset(opset, outputs, attributes, bui
     assert [(e.bn, e.status) for e in report.entries] == [("bn", "kept")]
     assert re.search(r"training|is_test", report.entries[0].reason), report.entries[0].reason
     assert [n.op_type for n in folded.graph.node].count("BatchNormalization") == 1
+
+
+@pytest.mark.parametrize("command", ["convert", "verify"])
+def test_threads_option_reaches_onnxruntime(command, builders, folders, run_cli, monkeypatch):
+    import onnxruntime
+
+    src_dir, out_dir = folders
+    src = _good_model(src_dir, builders)
+    seen = []
+    real = onnxruntime.InferenceSession
+
+    def spy(model, sess_options=None, *args, **kwargs):
+        seen.append((sess_options.intra_op_num_threads, sess_options.inter_op_num_threads))
+        return real(model, sess_options, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    args = [src, "-o", out_dir / "o.onnx"] if command == "convert" else [src, src]
+    result = run_cli([command, *args, "--threads", "2"])
+    assert result.code == 0, result.stderr
+    assert len(seen) >= 2 and all(pair == (2, 2) for pair in seen), seen
