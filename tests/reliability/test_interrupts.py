@@ -34,7 +34,7 @@ def _interrupt_replace(monkeypatch, exc: BaseException) -> None:
     def failing_replace(src, dst):
         raise exc
 
-    monkeypatch.setattr(bio.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
 
 
 @pytest.mark.parametrize(

@@ -367,7 +367,7 @@ def test_atomic_path_replace_failure_is_bnfold_error(tmp_path, monkeypatch):
     def refuse(src, dst):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(bio.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(BnfoldError, match="could not be written"):
         with bio.atomic_path(target) as tmp:
             tmp.write_bytes(b"new")
@@ -414,7 +414,7 @@ def test_save_model_interrupted_mid_write_keeps_previous_output(builders, tmp_pa
 
 
 def test_save_model_with_external_data_roundtrip_and_replace(builders, tmp_path, monkeypatch):
-    monkeypatch.setattr(bio, "_EXTERNAL_MIN_BYTES", 64)  # the test models' tensors are small
+    monkeypatch.setattr(bio.writing, "_EXTERNAL_MIN_BYTES", 64)  # the test models' tensors are small
     target = tmp_path / "out.onnx"
     first, second = builders.conv_bn(), builders.conv_bn(np.random.default_rng(7))
     bio.save_model(first, target, external_data=True)
@@ -430,7 +430,7 @@ def test_save_model_with_external_data_roundtrip_and_replace(builders, tmp_path,
 
 
 def test_save_model_with_external_data_interrupted_keeps_previous_model_loadable(builders, tmp_path, monkeypatch):
-    monkeypatch.setattr(bio, "_EXTERNAL_MIN_BYTES", 64)
+    monkeypatch.setattr(bio.writing, "_EXTERNAL_MIN_BYTES", 64)
     target = tmp_path / "out.onnx"
     first = builders.conv_bn()
     bio.save_model(first, target, external_data=True)
@@ -493,7 +493,7 @@ def test_output_path_rules(tmp_path, is_root):
 
 
 def test_save_with_external_data_handles_typed_fields_and_spares_unrelated_files(builders, tmp_path, monkeypatch):
-    monkeypatch.setattr(bio, "_EXTERNAL_MIN_BYTES", 64)
+    monkeypatch.setattr(bio.writing, "_EXTERNAL_MIN_BYTES", 64)
     model = builders.gemm_bn()
     values = np.arange(40, dtype=np.float32)
     # float_data instead of raw_data: the other way ONNX stores a tensor.

@@ -1,0 +1,71 @@
+"""Atomic file replacement: write beside the target, flush, ``os.replace``.
+
+An error or an interrupt (including ``KeyboardInterrupt``) at any point leaves the previous file
+intact and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bnfold.errors import BnfoldError
+from bnfold.io.files import resolved
+
+__all__ = ["atomic_path"]
+
+
+def _default_mode(existing: Path) -> int:
+    try:
+        return stat.S_IMODE(existing.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds.
+
+    The temporary file is removed on any exception, including ``KeyboardInterrupt``. The new file
+    gets the previous file's permissions, or the usual ones for a new file (``0o666 & ~umask``).
+    """
+    path = Path(path)
+    parent = resolved(path).parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise BnfoldError(f"{path}: cannot write in {parent} ({exc.strerror or exc})") from None
+    tmp_path = Path(tmp)
+    try:
+        os.close(fd)
+        yield tmp_path
+        _fsync(tmp_path)
+        os.chmod(tmp_path, _default_mode(path))
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        raise BnfoldError(f"{path}: could not be written ({exc.strerror or exc})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+    _fsync_dir(parent)
+
+
+def _fsync(path: Path) -> None:
+    # Durability: without it a crash right after os.replace can leave an empty file in place.
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,155 @@
+"""Reading external tensor data, only from regular files inside the model's own folder.
+
+Rules (each refusal is a `BnfoldError` naming the model, the tensor and the location):
+    1. A location must be relative, without ``..`` and without NUL bytes: absolute paths and
+       traversal (``../../etc/passwd``) are the class of vulnerability ONNX loaders have shipped
+       (e.g. GHSA-538c-55jv-c5g9).
+    2. The location, resolved through symbolic links, must stay inside the model's folder and be a
+       regular file; it is opened with ``O_NOFOLLOW`` on the resolved path.
+    3. ``offset`` and ``length`` must be non-negative integers, the length must match the tensor's
+       declared shape and dtype, and the file must hold that many bytes: checked before reading.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.io.files import all_tensors, one_line, resolved
+
+__all__ = ["load_external_data", "external_files_of"]
+
+# Resolved model path -> resolved external data files it was loaded from (see check_output_path).
+_EXTERNAL_SOURCES: dict[Path, set[Path]] = {}
+
+
+def load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    base = path.resolve().parent
+    sources: set[Path] = set()
+    for tensor in all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = _check_external_location(path, base, tensor.name, location)
+        offset = _external_int(path, tensor.name, info, "offset", 0)
+        expected = _expected_nbytes(tensor)
+        length = _external_int(path, tensor.name, info, "length", None)
+        if length is None:
+            length = expected
+        if expected is not None and length is not None and length != expected:
+            raise BnfoldError(
+                f"{path}: tensor '{tensor.name}' external data length {length} does not match its"
+                f" shape {list(tensor.dims)} ({expected} bytes)"
+            )
+        tensor.raw_data = _read_external(path, target, location, tensor.name, offset, length)
+        tensor.ClearField("data_location")
+        del tensor.external_data[:]
+        sources.add(target)
+    if sources:
+        _EXTERNAL_SOURCES[path.resolve()] = sources
+
+
+def _check_external_location(path: Path, base: Path, tensor_name: str, location: str) -> Path:
+    where = f"{path}: tensor '{tensor_name}' external data location '{location}'"
+    if not location:
+        raise BnfoldError(f"{path}: tensor '{tensor_name}' has external data without a location")
+    if "\x00" in location:
+        raise BnfoldError(f"{where} contains a NUL byte")
+    if os.path.isabs(location) or Path(location).is_absolute() or location.startswith(("\\", "/")):
+        raise BnfoldError(f"{where} is an absolute path; only files inside the model's folder are read")
+    if ".." in Path(location.replace("\\", "/")).parts:
+        raise BnfoldError(f"{where} contains '..'; only files inside the model's folder are read")
+    try:
+        target = (base / location).resolve(strict=True)
+    except FileNotFoundError:
+        raise BnfoldError(f"{where}: file is missing") from None
+    except (OSError, RuntimeError) as exc:  # symlink loops raise RuntimeError on older Pythons
+        raise BnfoldError(f"{where} cannot be resolved ({one_line(exc)})") from None
+    if target != base and base not in target.parents:
+        raise BnfoldError(
+            f"{where} resolves to {target}, outside the model's folder {base} (symbolic link?)"
+        )
+    if not target.is_file():
+        raise BnfoldError(f"{where} is not a regular file")
+    return target
+
+
+def _external_int(path: Path, name: str, info: dict[str, str], key: str, default: int | None) -> int | None:
+    if key not in info:
+        return default
+    try:
+        value = int(info[key])
+    except ValueError:
+        raise BnfoldError(f"{path}: tensor '{name}' external data {key} '{info[key]}' is not an integer") from None
+    if value < 0:
+        raise BnfoldError(f"{path}: tensor '{name}' external data {key} {value} is negative")
+    return value
+
+
+def _read_external(path: Path, target: Path, location: str, name: str, offset: int, length: int | None) -> bytes:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(target, flags)
+    except OSError as exc:
+        raise BnfoldError(f"{path}: tensor '{name}' external data file '{location}' cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        available = size - offset
+        if length is None:
+            length = max(available, 0)
+        if offset > size or length > available:
+            raise BnfoldError(
+                f"{path}: tensor '{name}' external data file '{location}' is too short: needs"
+                f" {length} bytes at offset {offset}, file has {size}"
+            )
+        handle.seek(offset)
+        data = handle.read(length)
+    if len(data) != length:
+        raise BnfoldError(f"{path}: tensor '{name}' external data file '{location}' changed while being read")
+    return data
+
+
+_SUBBYTE_TYPES = {
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    if tensor.data_type in _SUBBYTE_TYPES or tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    count = 1
+    for dim in tensor.dims:
+        if dim < 0:
+            return None
+        count *= int(dim)
+    return count * itemsize
+
+
+def external_files_of(model_path: Path) -> set[Path]:
+    """External data files of the model at `model_path` (recorded by `load_model`, or parsed)."""
+    known = _EXTERNAL_SOURCES.get(resolved(model_path))
+    if known is not None:
+        return known
+    if model_path.suffix.lower() != ".onnx" or not model_path.is_file():
+        return set()
+    try:
+        proto = onnx.load_model(str(model_path), load_external_data=False)
+    except Exception:  # not a model: load_model reports that when it reads it
+        return set()
+    base = resolved(model_path).parent
+    files = set()
+    for tensor in all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value:
+                files.add(base / entry.value)
+    return files

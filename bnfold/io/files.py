@@ -1,0 +1,67 @@
+"""Small helpers shared by the `bnfold.io` modules: input-file checks, paths, messages."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import BnfoldError
+
+__all__ = ["PROTOBUF_LIMIT", "one_line", "check_input_file", "read_bytes", "resolved", "same_file", "all_tensors"]
+
+# Protobuf refuses to parse or serialize a message of 2 GiB or more.
+PROTOBUF_LIMIT = 2**31 - 1
+_MAX_MESSAGE = 300
+
+
+def one_line(text: object) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 3] + "..."
+
+
+def check_input_file(path: Path) -> None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BnfoldError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BnfoldError(f"{path}: cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise BnfoldError(f"{path}: is a directory, expected a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise BnfoldError(f"{path}: is not a regular file")
+    if info.st_size == 0:
+        raise BnfoldError(f"{path}: file is empty")
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BnfoldError(f"{path}: cannot be read ({exc.strerror})") from None
+    except MemoryError:
+        raise BnfoldError(f"{path}: too large to read into memory") from None
+
+
+def resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return resolved(a) == resolved(b)
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors
+
+    yield from _get_all_tensors(model)

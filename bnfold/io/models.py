@@ -1,0 +1,155 @@
+"""Loading ONNX models: parse, check versions and names, read external data, run the checker.
+
+Rules of `load_model`:
+    1. A model must be a regular, non-empty file under 2 GiB that parses as an ONNX
+       ``ModelProto`` with a graph.
+    2. Its IR version and the opset of the standard domains must be ones the installed ``onnx``
+       knows: a newer file is refused with both versions named, rather than misread.
+    3. External data is read by `bnfold.io.external` (only inside the model's folder).
+    4. With ``check=True`` (the default) every name must be UTF-8 (protobuf hands out other names
+       as ``bytes``, which downstream code does not expect) and the model must pass
+       ``onnx.checker.check_model`` (not the full check, which also runs shape inference).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.io.external import load_external_data
+from bnfold.io.files import PROTOBUF_LIMIT, check_input_file, one_line, read_bytes
+
+__all__ = ["load_model", "check_model"]
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model from `path`, validating it (rules 1-4 of the module docstring).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.onnx`` file. External data, if any, must sit inside the same folder.
+    check : bool, default True
+        Run ``onnx.checker.check_model`` (not the full check) after loading.
+
+    Returns
+    -------
+    onnx.ModelProto
+        The model with all tensor data in memory (no external references left).
+
+    Raises
+    ------
+    BnfoldError
+        If the file is missing, not a model, too new, unsafe, or fails the checker.
+    """
+    path = Path(path)
+    check_input_file(path)
+    size = path.stat().st_size
+    if size > PROTOBUF_LIMIT:
+        raise BnfoldError(
+            f"{path}: {size} bytes is more than an ONNX protobuf can hold (2 GiB); large models keep"
+            " their tensors in external data files"
+        )
+    data = read_bytes(path)
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:  # google.protobuf DecodeError, RuntimeError for deep nesting, ...
+        detail = one_line(exc) or type(exc).__name__
+        if "depth" in detail.lower() or "recursion" in detail.lower():
+            detail = f"subgraphs nested more deeply than protobuf parses: {detail}"
+        raise BnfoldError(f"{path}: not a valid ONNX model (protobuf: {detail})") from None
+    del data
+    if not model.HasField("graph"):
+        raise BnfoldError(f"{path}: not an ONNX model (no graph; is it another protobuf message?)")
+    _check_versions(model, path)
+    load_external_data(model, path)
+    if check:
+        _check_names(model, path)
+        check_model(model, path)
+    return model
+
+
+def _check_names(model: onnx.ModelProto, source: Path | str) -> None:
+    """Refuse names that are not UTF-8 (ONNX requires it; protobuf then hands out bytes, not str).
+
+    Covers what bnfold reads: node, value, initializer, attribute and domain names, in every
+    graph and function (about 10 us per node).
+    """
+    graphs: list = [model.graph, *model.functions]
+    names: list = [opset.domain for opset in model.opset_import]
+    for function in model.functions:
+        names += [function.name, function.domain, *function.input, *function.output]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            names += node.input
+            names += node.output
+            names += (node.name, node.op_type, node.domain)
+            for attribute in node.attribute:
+                names.append(attribute.name)
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attribute.g)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attribute.graphs)
+        if isinstance(graph, onnx.GraphProto):
+            names += [value.name for value in (*graph.input, *graph.output, *graph.value_info)]
+            names += [tensor.name for tensor in graph.initializer]
+    if not all(type(name) is str for name in names):
+        bad = next(name for name in names if type(name) is not str)
+        raise BnfoldError(f"{source}: the name {bad!r} is not valid UTF-8 (ONNX names are UTF-8 strings)")
+
+
+def _known_opsets() -> dict[str, int]:
+    known = {"": onnx.defs.onnx_opset_version(), "ai.onnx.ml": onnx.defs.onnx_ml_opset_version()}
+    known["ai.onnx"] = known[""]
+    return known
+
+
+def _check_versions(model: onnx.ModelProto, source: Path | str) -> None:
+    if model.ir_version > onnx.IR_VERSION:
+        raise BnfoldError(
+            f"{source}: IR version {model.ir_version} is newer than the installed onnx"
+            f" {onnx.__version__} supports (IR version {onnx.IR_VERSION})"
+        )
+    known = _known_opsets()
+    for opset in model.opset_import:
+        name = opset.domain or "ai.onnx"
+        if opset.version < 1:
+            raise BnfoldError(f"{source}: opset version {opset.version} of domain '{name}' is invalid")
+        newest = known.get(opset.domain)
+        if newest is not None and opset.version > newest:
+            raise BnfoldError(
+                f"{source}: opset {opset.version} of domain '{name}' is newer than the installed"
+                f" onnx {onnx.__version__} supports (up to {newest})"
+            )
+
+
+def check_model(model: onnx.ModelProto, source: str | os.PathLike = "<model>") -> None:
+    """Run ``onnx.checker.check_model`` (not the full check) and quote its message on failure.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        A model holding its tensor data in memory, as `load_model` returns it (the checker
+        resolves external data relative to the current directory, not the model's folder).
+    source : str or os.PathLike
+        Names the model in messages. For a model over 2 GiB, which protobuf cannot hand to the
+        checker in memory, it must be the file the model was loaded from.
+
+    Raises
+    ------
+    BnfoldError
+        If the versions are unknown or the checker fails, quoting the checker's message.
+    """
+    _check_versions(model, source)
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            onnx.checker.check_model(os.fspath(source))
+        else:
+            onnx.checker.check_model(model)
+    except Exception as exc:  # onnx.checker.ValidationError, and C++ errors for odd protobufs
+        raise BnfoldError(f"{source}: fails onnx.checker: {one_line(exc)}") from None

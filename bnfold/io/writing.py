@@ -1,0 +1,176 @@
+"""Writing models: output-path rules, atomic saves, and external data that stays consistent.
+
+Models too large for a single protobuf (2 GiB) are written with their large tensors in a data
+file whose name carries a content hash (``<name>.<hash>.data``), written before the model: the
+previous model keeps reading its own data file until the moment it is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import logging
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.io.atomic import atomic_path
+from bnfold.io.external import external_files_of
+from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, resolved, same_file
+
+__all__ = ["check_output_path", "save_model"]
+
+log = logging.getLogger(__name__)
+
+# Tensors at least this large go to the data file when a model must use external data.
+_EXTERNAL_MIN_BYTES = 1024
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Collection = ()) -> Path:
+    """Refuse an output that equals an input, exists (unless `overwrite`), or cannot be written.
+
+    An output is "the same as an input" when it is the same file (also through links) or one of
+    the external data files the input model was loaded from: writing it would alter the input.
+    """
+    path = Path(path)
+    for other in inputs:
+        other = Path(other)
+        if same_file(path, other):
+            raise BnfoldError(f"{path}: output is the same file as the input; use --in-place to allow it")
+        for data_file in external_files_of(other) if path.exists() else ():
+            if same_file(path, data_file):
+                raise BnfoldError(f"{path}: output is the external data file of the input {other}")
+    if path.is_dir():
+        raise BnfoldError(f"{path}: output path is a directory")
+    if path.exists() and not overwrite:
+        raise BnfoldError(f"{path}: already exists; use --force to overwrite")
+    parent = resolved(path).parent
+    if not parent.exists():
+        raise BnfoldError(f"{path}: output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise BnfoldError(f"{path}: output folder {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BnfoldError(f"{path}: output folder {parent} is not writable")
+    return path
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+    """Write `model` to `path` atomically (callers check overwrite rules with `check_output_path`).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        A model holding its tensor data in memory; it is not modified.
+    path : str or os.PathLike
+        Destination file.
+    external_data : bool or None, default None
+        Store tensors of at least 1 KiB in a sidecar file ``<name>.<hash>.data`` beside `path`.
+        ``None`` does so only when the model is too large for one protobuf (2 GiB).
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = model.ByteSize() > PROTOBUF_LIMIT
+    if external_data:
+        _save_with_external_data(model, path)
+        return
+    with atomic_path(path) as tmp:
+        try:
+            data = model.SerializeToString()
+        except ValueError as exc:  # protobuf refuses messages over 2 GB
+            raise BnfoldError(f"{path}: model too large to serialize in one file ({exc})") from None
+        tmp.write_bytes(data)
+
+
+def _goes_external(tensor: onnx.TensorProto) -> bool:
+    return (
+        tensor.data_location != onnx.TensorProto.EXTERNAL
+        and tensor.data_type != onnx.TensorProto.STRING
+        and tensor.ByteSize() >= _EXTERNAL_MIN_BYTES
+    )
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    # ONNX raw_data is little-endian; numpy_helper converts typed fields the same way.
+    return tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Write the large tensors to ``<name>.<hash>.data``, then the model referring to it.
+
+    The data file is complete and in place before the model is replaced, and its name depends
+    on its content: the previous model keeps reading its own data file until the moment it is
+    replaced; that file is removed only afterwards. Memory: one copy of the model without its
+    large tensors' data, plus one tensor at a time.
+    """
+    for tensor in all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise BnfoldError(f"{path}: tensor '{tensor.name}' still refers to external data; load it first")
+    originals = [tensor for tensor in all_tensors(model) if _goes_external(tensor)]
+    if not originals:
+        save_model(model, path, external_data=False)
+        return
+    digest = hashlib.sha256()
+    spans = []
+    offset = 0
+    for tensor in originals:
+        raw = _raw_bytes(tensor)
+        digest.update(raw)
+        # ONNX ExternalData.md allows aligned offsets; 64 bytes keeps every dtype aligned.
+        offset = -(-offset // 64) * 64
+        spans.append((offset, len(raw)))
+        offset += len(raw)
+    data_name = f"{path.name}.{digest.hexdigest()[:16]}.data"
+    data_path = path.with_name(data_name)
+    previous = _sidecars_of(path)
+    with atomic_path(data_path) as tmp, open(tmp, "wb") as handle:
+        for tensor, (start, _) in zip(originals, spans):
+            handle.seek(start)
+            handle.write(_raw_bytes(tensor))
+
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    lights = [tensor for tensor in all_tensors(light) if _goes_external(tensor)]
+    for tensor, (start, length) in zip(lights, spans):
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(field)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", data_name), ("offset", str(start)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(light.SerializeToString())
+    except BaseException:
+        if data_path not in previous:
+            with contextlib.suppress(OSError):
+                data_path.unlink()
+        raise
+    for old in previous - {data_path}:
+        log.debug("%s: removing the previous data file %s", path, old.name)
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+def _sidecars_of(path: Path) -> set[Path]:
+    """Data files this module wrote for the model now at `path` (to remove once it is replaced)."""
+    prefix = f"{path.name}."
+    if not path.is_file() or not any(path.parent.glob(f"{glob.escape(prefix)}*.data")):
+        return set()  # nothing of ours to clean up: do not parse a possibly large model
+    try:
+        old = onnx.load_model(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    found = set()
+    for tensor in all_tensors(old):
+        for entry in tensor.external_data:
+            name = entry.value
+            if entry.key == "location" and name.startswith(prefix) and name.endswith(".data") and "/" not in name and "\\" not in name:
+                candidate = path.with_name(name)
+                if candidate.is_file():
+                    found.add(candidate)
+    return found
