@@ -33,7 +33,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     path : str or os.PathLike
         The ``.onnx`` file. External data, if any, must sit inside the same folder.
     check : bool, default True
-        Run ``onnx.checker.check_model`` (not the full check) after loading.
+        Require UTF-8 names and run ``onnx.checker.check_model`` (not the full check).
 
     Returns
     -------
@@ -46,6 +46,16 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         If the file is missing, not a model, too new, unsafe, or fails the checker.
     """
     path = Path(path)
+    model = _parse(path)
+    _check_versions(model, path)
+    load_external_data(model, path)
+    if check:
+        _check_names(model, path)
+        check_model(model, path)
+    return model
+
+
+def _parse(path: Path) -> onnx.ModelProto:
     check_input_file(path)
     size = path.stat().st_size
     if size > PROTOBUF_LIMIT:
@@ -53,23 +63,18 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
             f"{path}: {size} bytes is more than an ONNX protobuf can hold (2 GiB); large models keep"
             " their tensors in external data files"
         )
-    data = read_bytes(path)
     model = onnx.ModelProto()
     try:
-        model.ParseFromString(data)
+        model.ParseFromString(read_bytes(path))
+    except BnfoldError:
+        raise
     except Exception as exc:  # google.protobuf DecodeError, RuntimeError for deep nesting, ...
         detail = one_line(exc) or type(exc).__name__
         if "depth" in detail.lower() or "recursion" in detail.lower():
             detail = f"subgraphs nested more deeply than protobuf parses: {detail}"
         raise BnfoldError(f"{path}: not a valid ONNX model (protobuf: {detail})") from None
-    del data
     if not model.HasField("graph"):
         raise BnfoldError(f"{path}: not an ONNX model (no graph; is it another protobuf message?)")
-    _check_versions(model, path)
-    load_external_data(model, path)
-    if check:
-        _check_names(model, path)
-        check_model(model, path)
     return model
 
 
