@@ -729,3 +729,42 @@ def test_threads_option_reaches_onnxruntime(command, builders, folders, run_cli,
     result = run_cli([command, *args, "--threads", "2"])
     assert result.code == 0, result.stderr
     assert len(seen) >= 2 and all(pair == (2, 2) for pair in seen), seen
+
+
+def _huge_npz(path: Path) -> None:
+    import zipfile
+
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**12, 3)}
+    with zipfile.ZipFile(path, "w") as archive, archive.open("x.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, header)
+        member.write(b"\x00" * 64)
+
+
+@pytest.mark.parametrize(
+    "kind, expect",
+    [
+        ("missing", r"no such file|does not exist"),
+        ("garbage", r"not a valid \.npz"),
+        ("huge-declared", r"declares shape"),
+        ("wrong-name", r"'z'.*not an input|no array for model input 'x'"),
+        ("wrong-shape", r"'x'.*shape|shape.*'x'"),
+    ],
+)
+def test_verify_refuses_bad_inputs_file(kind, expect, builders, folders, run_cli, snapshot):
+    src_dir, _ = folders
+    model = _good_model(src_dir, builders)
+    arrays = src_dir / "inputs.npz"
+    if kind == "garbage":
+        arrays.write_bytes(b"PK\x03\x04 not really a zip")
+    elif kind == "huge-declared":
+        _huge_npz(arrays)
+    elif kind == "wrong-name":
+        np.savez(arrays, z=np.zeros((2, 3), np.float32))
+    elif kind == "wrong-shape":
+        np.savez(arrays, x=np.zeros((2, 5), np.float32))
+    before = snapshot(_inputs(src_dir), [src_dir])
+    started = time.monotonic()
+    line = run_cli(["verify", model, model, "--inputs", arrays]).assert_one_line_error(2)
+    assert time.monotonic() - started < 10.0
+    assert "inputs.npz" in line and re.search(expect, line), line
+    before.assert_unchanged()
