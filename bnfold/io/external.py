@@ -13,6 +13,7 @@ Rules (each refusal is a `BnfoldError` naming the model, the tensor and the loca
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import onnx
@@ -45,7 +46,7 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
                 f"{path}: tensor '{tensor.name}' external data length {length} does not match its"
                 f" shape {list(tensor.dims)} ({expected} bytes)"
             )
-        tensor.raw_data = _read_external(path, target, location, tensor.name, offset, length)
+        tensor.raw_data = _read_external(path, base, target, location, tensor.name, offset, length)
         tensor.ClearField("data_location")
         del tensor.external_data[:]
         sources.add(target)
@@ -90,26 +91,51 @@ def _external_int(path: Path, name: str, info: dict[str, str], key: str, default
     return value
 
 
-def _read_external(path: Path, target: Path, location: str, name: str, offset: int, length: int | None) -> bytes:
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+def _open_inside(base: Path, target: Path) -> int:
+    """Open `target` (resolved, inside `base`) one path component at a time, following no link.
+
+    A folder or file swapped for a symbolic link after `_check_external_location` resolved the
+    path makes the open fail instead of leading outside. ``O_NONBLOCK`` keeps a named pipe from
+    blocking the open; the caller checks that it got a regular file.
+    """
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    if os.open not in os.supports_dir_fd or not nofollow:
+        return os.open(target, flags)
+    folder = os.open(base, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        fd = os.open(target, flags)
+        *parents, name = target.relative_to(base).parts
+        for part in parents:
+            inner = os.open(part, os.O_RDONLY | nofollow | getattr(os, "O_DIRECTORY", 0), dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        return os.open(name, flags, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def _read_external(path: Path, base: Path, target: Path, location: str, name: str, offset: int,
+                   length: int | None) -> bytes:
+    where = f"{path}: tensor '{name}' external data file '{location}'"
+    try:
+        fd = _open_inside(base, target)
     except OSError as exc:
-        raise BnfoldError(f"{path}: tensor '{name}' external data file '{location}' cannot be opened ({exc.strerror})") from None
+        raise BnfoldError(f"{where} cannot be opened ({exc.strerror or exc})") from None
     with os.fdopen(fd, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        available = size - offset
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BnfoldError(f"{where} is not a regular file")
+        available = info.st_size - offset
         if length is None:
             length = max(available, 0)
-        if offset > size or length > available:
+        if offset > info.st_size or length > available:
             raise BnfoldError(
-                f"{path}: tensor '{name}' external data file '{location}' is too short: needs"
-                f" {length} bytes at offset {offset}, file has {size}"
+                f"{where} is too short: needs {length} bytes at offset {offset}, file has {info.st_size}"
             )
         handle.seek(offset)
         data = handle.read(length)
     if len(data) != length:
-        raise BnfoldError(f"{path}: tensor '{name}' external data file '{location}' changed while being read")
+        raise BnfoldError(f"{where} changed while being read")
     return data
 
 

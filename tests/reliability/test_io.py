@@ -507,3 +507,49 @@ def test_save_with_external_data_handles_typed_fields_and_spares_unrelated_files
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[-1]), values)
     data_files = sorted(n for n in os.listdir(tmp_path) if n.endswith(".data"))
     assert len(data_files) == 2 and "out.onnx.mine.data" in data_files, data_files
+
+
+def test_external_data_folder_swapped_for_symlink_after_check_is_refused(builders, tmp_path, monkeypatch):
+    """The race: the location is checked, then a folder on its path becomes a link leading out."""
+    import bnfold.io.external as external
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "w.bin").write_bytes(b"\x00" * 8 + _weight(builders.gemm_bn()).tobytes())
+    model_dir = tmp_path / "model"
+    (model_dir / "sub").mkdir(parents=True)
+    (model_dir / "sub" / "w.bin").write_bytes((outside / "w.bin").read_bytes())
+    path = _external_model(builders, model_dir, location="sub/w.bin")
+    real_check = external._check_external_location
+
+    def check_then_swap(*args):
+        target = real_check(*args)
+        (model_dir / "sub" / "w.bin").unlink()
+        (model_dir / "sub").rmdir()
+        (model_dir / "sub").symlink_to(outside, target_is_directory=True)
+        return target
+
+    monkeypatch.setattr(external, "_check_external_location", check_then_swap)
+    with pytest.raises(BnfoldError, match="cannot be opened"):
+        bio.load_model(path)
+
+
+def test_npz_over_memory_limit_is_refused_before_inflating(tmp_path, monkeypatch):
+    # 64 MiB of zeros deflate to ~64 KiB: the declared size, not the file size, must decide.
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=np.zeros(16 * 1024**2, np.float32))
+    assert path.stat().st_size < 1024**2
+    with pytest.raises(BnfoldError, match="more than the limit of 1048576"):
+        bio.load_npz(path, max_bytes=1024**2)
+    assert bio.load_npz(path)["x"].shape == (16 * 1024**2,)
+
+
+def test_npz_keys_and_dtypes_match_numpy(tmp_path):
+    arrays = {"a": np.arange(5, dtype=np.int16), "b.c": np.ones((2, 2), np.float16), "s": np.array("text")}
+    np.savez(tmp_path / "m.npz", **arrays)
+    loaded = bio.load_npz(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as reference:
+        assert sorted(loaded) == sorted(reference.files)
+        for key in reference.files:
+            assert loaded[key].dtype == reference[key].dtype
+            np.testing.assert_array_equal(loaded[key], reference[key])
