@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -94,7 +95,32 @@ def seed_models() -> dict[str, bytes]:
     }
     for i in range(3):
         seeds[f"random_foldable_{i}"] = b.random_foldable(np.random.default_rng(100 + i)).SerializeToString()
+    seeds["conv_bn_external"] = _externalized(b.conv_bn())[0]
     return seeds
+
+
+# Every case runs in a folder that also holds this data file, which the "conv_bn_external" seed
+# refers to: mutations of its external_data entries exercise the external data loader.
+DATA_FILE = "weights.bin"
+
+
+def _externalized(model: onnx.ModelProto) -> tuple[bytes, bytes]:
+    """(model bytes with every initializer in DATA_FILE, the DATA_FILE bytes)."""
+    blob = bytearray()
+    for tensor in model.graph.initializer:
+        raw = onnx.numpy_helper.to_array(tensor).tobytes()
+        offset = len(blob)
+        blob += raw
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return model.SerializeToString(), bytes(blob)
+
+
+def data_file() -> bytes:
+    return _externalized(_builders().conv_bn())[1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,7 +185,14 @@ PROTO_OPS = (
     "add_output",
     "add_attribute",
     "to_dtype",
+    "external_entry",
 )
+_EXTERNAL_VALUES = {
+    "location": ("../weights.bin", "/etc/passwd", "weights.bin\x00x", "", ".", "sub/../weights.bin",
+                 "weights.bin/", "WEIGHTS.BIN", "case.onnx"),
+    "offset": ("-1", "0", "1", "7", "9999999999999", "x", "4.0"),
+    "length": ("-4", "0", "1", "3", "99999999999", "", "1e3"),
+}
 _NEW_ATTRIBUTES = (
     ("alpha", 0.5), ("beta", 2.0), ("alpha", -1.0), ("transA", 1), ("group", 2), ("strides", [2, 2]),
     ("dilations", [2, 2]), ("momentum", 0.5), ("spatial", 0), ("training_mode", 0), ("epsilon", 0.0),
@@ -260,6 +293,9 @@ def _apply_proto_op(model: onnx.ModelProto, name: str, args: tuple[int, ...]) ->
         kept = [attr for attr in node.attribute if attr.name != key]
         del node.attribute[:]
         node.attribute.extend([*kept, helper.make_attribute(key, value)])
+    elif name == "external_entry" and init is not None and init.external_data:
+        entry = init.external_data[b % len(init.external_data)]
+        entry.value = _pick(_EXTERNAL_VALUES.get(entry.key, ("",)), c)
     elif name == "to_dtype":
         _convert_float_dtype(model, (TensorProto.FLOAT16, TensorProto.DOUBLE)[b % 2])
 
@@ -278,6 +314,11 @@ def _convert_float_dtype(model: onnx.ModelProto, dtype: int) -> None:
 
 # ------------------------------------------------------------------------------------------
 # The oracle
+
+
+@functools.lru_cache(maxsize=1)
+def _data_file_bytes() -> bytes:
+    return data_file()
 
 
 class Finding(Exception):
@@ -339,6 +380,9 @@ def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT, 
 
     path = Path(folder) / "case.onnx"
     path.write_bytes(data)
+    side = Path(folder) / DATA_FILE
+    side_bytes = _data_file_bytes()
+    side.write_bytes(side_bytes)
     stage = "load"
     try:
         with _time_limit(time_limit), warnings.catch_warnings():
@@ -377,8 +421,8 @@ def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT, 
             raise
         raise Finding(stage, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", traceback.format_exc()) from None
     finally:
-        if path.read_bytes() != data:
-            raise Finding(stage, "the input file was modified")
+        if path.read_bytes() != data or side.read_bytes() != side_bytes:
+            raise Finding(stage, "the input file or its data file was modified")
     return Outcome("verified", "", report.folded, report.total)
 
 
@@ -432,6 +476,7 @@ def run_cli_case(data: bytes, folder: Path, api_status: str, *, timeout: float =
             leftover.unlink()
     src = src_dir / "m.onnx"
     src.write_bytes(data)
+    (src_dir / DATA_FILE).write_bytes(_data_file_bytes())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "bnfold", "convert", str(src), "-o", str(out_dir / "o.onnx"),
                "--batch", "2", "--max-memory", str(VERIFY_MAX_BYTES)]
@@ -452,8 +497,8 @@ def run_cli_case(data: bytes, folder: Path, api_status: str, *, timeout: float =
             raise Finding("cli", f"error is not one 'bnfold: error:' line: {report}", proc.stderr)
         if listing:
             raise Finding("cli", f"output folder holds {listing} after an error")
-    if src.read_bytes() != data:
-        raise Finding("cli", "the input file was modified")
+    if src.read_bytes() != data or (src_dir / DATA_FILE).read_bytes() != _data_file_bytes():
+        raise Finding("cli", "the input file or its data file was modified")
 
 
 def random_case(rng: np.random.Generator, seeds: dict[str, bytes], proto_share: float = 0.5) -> tuple[str, bytes, str]:
@@ -569,7 +614,7 @@ def fuzz(cases: int, time_limit: float, seed: int, out: Path, on_progress: Calla
             except Finding as finding:
                 _record(summary, finding, data, name, mutation, out)
             for leftover in os.listdir(tmp):
-                if leftover != "case.onnx":
+                if leftover not in ("case.onnx", DATA_FILE):
                     log.warning("case left a file behind: %s", leftover)
             if on_progress and summary.cases % 500 == 0:
                 summary.seconds = time.monotonic() - start

@@ -34,6 +34,9 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
+        if not all(type(item) is str for pair in info.items() for item in pair):
+            # Not UTF-8: protobuf hands out bytes. Such a location cannot name a file safely.
+            raise BnfoldError(f"{path}: tensor {tensor.name!r} has external data entries that are not valid UTF-8: {info!r}")
         location = info.get("location", "")
         target = _check_external_location(path, base, tensor.name, location)
         offset = _external_int(path, tensor.name, info, "offset", 0)

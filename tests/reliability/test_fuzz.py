@@ -54,7 +54,7 @@ FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None
 def _run(data: bytes) -> str:
     with tempfile.TemporaryDirectory() as folder:
         outcome = tool.run_case(data, Path(folder))  # raises tool.Finding on a bug
-        assert sorted(p.name for p in Path(folder).iterdir()) == ["case.onnx"]
+        assert sorted(p.name for p in Path(folder).iterdir()) == ["case.onnx", tool.DATA_FILE]
     return outcome.status
 
 

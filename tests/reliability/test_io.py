@@ -553,3 +553,12 @@ def test_npz_keys_and_dtypes_match_numpy(tmp_path):
         for key in reference.files:
             assert loaded[key].dtype == reference[key].dtype
             np.testing.assert_array_equal(loaded[key], reference[key])
+
+
+def test_external_location_that_is_not_utf8_is_refused(builders, tmp_path):
+    """Protobuf hands out a non-UTF-8 location as bytes; found by tools/fuzz_convert.py."""
+    path = _external_model(builders, tmp_path, location="wXbin")
+    path.write_bytes(path.read_bytes().replace(b"wXbin", b"w\xffbin"))
+    for check in (True, False):
+        with pytest.raises(BnfoldError, match="not valid UTF-8"):
+            bio.load_model(path, check=check)
