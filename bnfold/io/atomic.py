@@ -32,8 +32,16 @@ def _default_mode(existing: Path) -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds.
 
-    The temporary file is removed on any exception, including ``KeyboardInterrupt``. The new file
-    gets the previous file's permissions, or the usual ones for a new file (``0o666 & ~umask``).
+    Write the complete content to the yielded path inside the ``with`` block. On success it is
+    flushed to disk (``fsync``) and renamed onto `path` in one step (``os.replace``; a symbolic
+    link at `path` is replaced, never followed). On any exception, including
+    ``KeyboardInterrupt``, the temporary file is removed and `path` keeps its previous content.
+    The new file gets the previous file's permissions, or ``0o666 & ~umask`` like a new file.
+
+    Raises
+    ------
+    BnfoldError
+        If the folder cannot hold a new file or the rename fails (``OSError``, named).
     """
     path = Path(path)
     parent = resolved(path).parent

@@ -33,8 +33,27 @@ _EXTERNAL_MIN_BYTES = 1024
 def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Collection = ()) -> Path:
     """Refuse an output that equals an input, exists (unless `overwrite`), or cannot be written.
 
-    An output is "the same as an input" when it is the same file (also through links) or one of
-    the external data files the input model was loaded from: writing it would alter the input.
+    An output is "the same as an input" when it is the same file (also through symbolic or hard
+    links) or one of the external data files of an input model: writing it would alter the input.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The output file about to be written.
+    overwrite : bool
+        Allow replacing an existing file (``--force``).
+    inputs : collection of paths
+        The files the command reads; pass none to allow writing over them (``--in-place``).
+
+    Returns
+    -------
+    pathlib.Path
+        `path`, for chaining.
+
+    Raises
+    ------
+    BnfoldError
+        Naming `path` and the rule it breaks.
     """
     path = Path(path)
     for other in inputs:
