@@ -474,7 +474,7 @@ def run_cli_case(data: bytes, folder: Path, api_status: str, *, timeout: float =
         sub.mkdir(exist_ok=True)
         for leftover in sub.iterdir():
             leftover.unlink()
-    src = src_dir / "m.onnx"
+    src = src_dir / "case.onnx"  # the name run_case uses: a location may name the model itself
     src.write_bytes(data)
     (src_dir / DATA_FILE).write_bytes(_data_file_bytes())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
