@@ -1,25 +1,30 @@
 """Mutation fuzzer for what ``bnfold convert`` does: load, fold, verify.
 
-Each case starts from the bytes of a small valid model (Conv+BN, Gemm+BN, a MatMul+BN chain; see
+Each case starts from the bytes of a small valid model (Conv+BN, Gemm+BN, a MatMul+BN chain,
+random foldable chains, Conv+BN with its tensors in an external data file; see
 ``tests/reliability/builders.py``) and applies a few mutations, either to the raw bytes (bit
 flips, byte overwrites, truncation, insertion, deletion, duplication, splices with another seed)
 or to the parsed protobuf (special float values in initializers, inconsistent dims and dtypes,
 changed or added attributes, dangling or swapped names, dropped, duplicated or reordered nodes,
 odd versions, absurd input dimensions, training-mode BN, intermediate values exposed as graph
-outputs, the whole model converted to float16 or float64). Half the cases fold with
-``decompose_rest=True``. The oracle (`run_case`) requires that bnfold either refuses the
-input with a `BnfoldError` or produces a folded model that verifies against the input in
-onnxruntime; anything else (another exception type, a failed verification, a modified input, a
-case over its time limit) is a finding.
+outputs, the whole model converted to float16 or float64, hostile external data entries). Half
+the cases fold with ``decompose_rest=True``.
+
+The oracle (`run_case`) requires that bnfold either refuses the input with a `BnfoldError` or
+produces a folded model that verifies against the input in onnxruntime (or fails verification
+only where an output overflows to inf/NaN, see `_differs_only_at_overflow`); anything else
+(another exception type, a failed verification, a modified input, a case over its time limit)
+is a finding. `run_cli_case` checks that ``python -m bnfold convert`` gives the same answer:
+exit code, one ``bnfold: error:`` line, nothing left in the output folder.
 
 The suite runs a bounded version (``tests/reliability/test_fuzz.py``); the long run is::
 
-    python tools/fuzz_convert.py --cases 10000 --time-limit 1500 --out fuzz-report
+    python tools/fuzz_convert.py --cases 10000 --cli-cases 300 --out fuzz-report
 
 which writes ``summary.json``, ``summary.md`` and one reproducer ``.onnx`` with its traceback per
-distinct finding into ``--out``.
+distinct finding into ``--out`` (exit code 1 if there is any). Results of the recorded runs:
+``tools/fuzz_convert_results.md``.
 """
-
 from __future__ import annotations
 
 import argparse
