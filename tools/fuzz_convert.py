@@ -373,7 +373,8 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT, decompose_rest: bool = False) -> Outcome:
+def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT,
+             decompose_rest: bool = False) -> Outcome:
     """Run load -> fold -> verify on `data`; return the outcome or raise `Finding`.
 
     Invariants checked: only `BnfoldError` may escape bnfold; `fold` does not modify its input
@@ -424,7 +425,8 @@ def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT, 
     except BaseException as exc:  # the point of the fuzzer: anything else is a bug
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise Finding(stage, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", traceback.format_exc()) from None
+        detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        raise Finding(stage, detail, traceback.format_exc()) from None
     finally:
         if path.read_bytes() != data or side.read_bytes() != side_bytes:
             raise Finding(stage, "the input file or its data file was modified")
@@ -574,7 +576,8 @@ class Summary:
         ]
         for item in self.findings.values():
             lines += ["", f"### {item['key']} ({item['count']} cases)", f"- input: `{item['file']}`",
-                      f"- mutation: `{item['mutation'][:400]}`", "```", item["traceback"][-3000:] or item["detail"], "```"]
+                      f"- mutation: `{item['mutation'][:400]}`", "```",
+                      item["traceback"][-3000:] or item["detail"], "```"]
         return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,11 @@ _EXTERNAL_SOURCES: dict[Path, set[Path]] = {}
 
 
 def load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read every external tensor of `model` (loaded from `path`) into memory, in place.
+
+    Applies rules 1-3 of the module docstring; afterwards no tensor refers to a file, and the
+    files read are recorded so that `check_output_path` can refuse to write over them.
+    """
     base = path.resolve().parent
     sources: set[Path] = set()
     for tensor in all_tensors(model):
@@ -36,7 +41,9 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
         info = {entry.key: entry.value for entry in tensor.external_data}
         if not all(type(item) is str for pair in info.items() for item in pair):
             # Not UTF-8: protobuf hands out bytes. Such a location cannot name a file safely.
-            raise BnfoldError(f"{path}: tensor {tensor.name!r} has external data entries that are not valid UTF-8: {info!r}")
+            raise BnfoldError(
+                f"{path}: tensor {tensor.name!r} has external data entries that are not valid UTF-8: {info!r}"
+            )
         location = info.get("location", "")
         target = _check_external_location(path, base, tensor.name, location)
         offset = _external_int(path, tensor.name, info, "offset", 0)

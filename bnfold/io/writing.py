@@ -188,7 +188,8 @@ def _sidecars_of(path: Path) -> set[Path]:
     for tensor in all_tensors(old):
         for entry in tensor.external_data:
             name = entry.value
-            if entry.key == "location" and name.startswith(prefix) and name.endswith(".data") and "/" not in name and "\\" not in name:
+            ours = name.startswith(prefix) and name.endswith(".data") and "/" not in name and "\\" not in name
+            if entry.key == "location" and ours:
                 candidate = path.with_name(name)
                 if candidate.is_file():
                     found.add(candidate)

@@ -54,7 +54,9 @@ def test_failure_while_moving_output_into_place(failure, message, existing_out, 
     before.assert_unchanged()
 
 
-@pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(errno.EIO, "Input/output error")], ids=["interrupt", "io-error"])
+@pytest.mark.parametrize(
+    "failure", [KeyboardInterrupt(), OSError(errno.EIO, "Input/output error")], ids=["interrupt", "io-error"]
+)
 def test_failure_mid_write_of_output(failure, existing_out, run_cli, snapshot, monkeypatch):
     src, out = existing_out
     before = snapshot([src, out], [src.parent, out.parent])
@@ -102,7 +104,8 @@ def test_unwritable_json_report_writes_nothing(existing_out, run_cli, snapshot):
     src, out = existing_out
     fresh = out.parent / "fresh.onnx"
     before = snapshot([src, out], [src.parent, out.parent])
-    line = run_cli(["convert", src, "-o", fresh, "--json", out.parent / "no" / "such" / "r.json"]).assert_one_line_error(2)
+    result = run_cli(["convert", src, "-o", fresh, "--json", out.parent / "no" / "such" / "r.json"])
+    line = result.assert_one_line_error(2)
     assert "r.json" in line
     before.assert_unchanged()
 
