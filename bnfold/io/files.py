@@ -1,4 +1,4 @@
-"""Small helpers shared by the `bnfold.io` modules: input-file checks, paths, messages."""
+"""Functions shared by the `bnfold.io` modules: input-file checks, paths, messages."""
 
 from __future__ import annotations
 
