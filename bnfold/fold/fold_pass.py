@@ -31,6 +31,7 @@ from collections.abc import Collection
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 
 from bnfold.errors import BnfoldError
 from bnfold.fold.graph import (
@@ -122,15 +123,20 @@ class FoldBatchNormPass:
         if not isinstance(model, onnx.ModelProto):
             raise BnfoldError(f"fold expects an onnx.ModelProto, got {type(model).__name__}")
         start = time.perf_counter()
-        out = onnx.ModelProto()
-        out.CopyFrom(model)  # rule 1
+        out = _copy_without_initializers(model)  # rule 1
         report = FoldReport()
         ctx = ModelContext(out, self.options, report, original=model)
-        changed = self._visit_graph(GraphIndex.for_graph(out.graph, ctx, "main"))
+        main = GraphIndex.for_graph(out.graph, ctx, "main", initializers=model.graph.initializer)
+        changed = self._visit_graph(main)
         for function in out.functions:
             changed |= self._visit(GraphIndex.for_function(function, ctx))
+        dead = _dead_initializers(out, ctx) if changed else set()
+        # The main graph's initializers are copied only now, and only those still used: a folded
+        # weight is never copied just to be deleted.
+        out.graph.initializer.extend(t for t in model.graph.initializer if t.name not in dead)
         if changed:
-            _cleanup(out, ctx)
+            removed = [t.name for t in model.graph.initializer if t.name in dead]
+            _cleanup(out, ctx, dead, removed)
         unknown = sorted(set(self.options.exclude) - {entry.bn for entry in report.entries})
         if unknown:
             report.notes.append("exclude: no BatchNormalization named " + ", ".join(f"'{n}'" for n in unknown))
@@ -269,18 +275,46 @@ def _prune_initializers(graph: onnx.GraphProto, dead: set[str], removed: list[st
                 _prune_initializers(sub, dead, removed)
 
 
-def _cleanup(model: onnx.ModelProto, ctx: ModelContext) -> None:
-    """Rule 6."""
-    if ctx.released:
-        used: set[str] = set()
-        _used_names(model.graph, used)
-        for function in model.functions:
-            for node in function.node:
-                used.update(node.input)
-        dead = ctx.released - used
-        removed: list[str] = []
-        if dead:
-            _prune_initializers(model.graph, dead, removed)
+def _copy_field(target, name: str, value) -> None:
+    if isinstance(value, Message):
+        getattr(target, name).CopyFrom(value)
+    elif isinstance(value, (str, bytes, int, float)):
+        setattr(target, name, value)
+    else:  # repeated field
+        getattr(target, name).extend(value)
+
+
+def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph has no initializers yet (rule 1)."""
+    out = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            _copy_field(out, descriptor.name, value)
+    if model.HasField("graph"):
+        out.graph.SetInParent()
+        for descriptor, value in model.graph.ListFields():
+            if descriptor.name != "initializer":
+                _copy_field(out.graph, descriptor.name, value)
+    return out
+
+
+def _dead_initializers(model: onnx.ModelProto, ctx: ModelContext) -> set[str]:
+    """Initializers that folds released and nothing in the model reads any more."""
+    if not ctx.released:
+        return set()
+    used: set[str] = set()
+    _used_names(model.graph, used)
+    for function in model.functions:
+        for node in function.node:
+            used.update(node.input)
+    return ctx.released - used
+
+
+def _cleanup(model: onnx.ModelProto, ctx: ModelContext, dead: set[str], removed: list[str]) -> None:
+    """Rule 6. ``removed``: the input model's main-graph initializers not copied (dead)."""
+    if dead:
+        removed = list(removed)
+        _prune_initializers(model.graph, dead, removed)
         gone = set(removed)
         inputs = [v for v in model.graph.input if v.name in gone]
         if inputs:

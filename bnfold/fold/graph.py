@@ -367,6 +367,7 @@ class ModelContext:
         if self._names is None:
             names: set[str] = set()
             _graph_names(self.model.graph, names)
+            names.update(t.name for t in self.original.graph.initializer)
             for function in self.model.functions:
                 names.update(function.input)
                 names.update(function.output)
@@ -472,6 +473,9 @@ class GraphIndex:
     function : FunctionProto, optional
     parent : GraphIndex, optional
         The enclosing graph, for outer-scope names of subgraph bodies.
+    initializers : iterable of TensorProto, optional
+        Read-only initializers to index instead of ``graph.initializer`` (the pass indexes the
+        input model's tensors and copies only the survivors into the output).
     """
 
     def __init__(
@@ -482,6 +486,7 @@ class GraphIndex:
         graph: onnx.GraphProto | None = None,
         function: onnx.FunctionProto | None = None,
         parent: GraphIndex | None = None,
+        initializers: Iterable[onnx.TensorProto] | None = None,
     ) -> None:
         self.ctx = ctx
         self.path = path
@@ -500,7 +505,7 @@ class GraphIndex:
             self.outputs = {v.name for v in graph.output}
             for vi in (*graph.input, *graph.output, *graph.value_info):
                 self.types.setdefault(vi.name, vi.type)
-            for tensor in graph.initializer:
+            for tensor in graph.initializer if initializers is None else initializers:
                 self.initializers[tensor.name] = tensor
             self.opsets = ctx.opsets
         else:
@@ -522,8 +527,9 @@ class GraphIndex:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def for_graph(cls, graph, ctx, path="main", parent=None) -> GraphIndex:
-        return cls(ctx, path, graph=graph, parent=parent)
+    def for_graph(cls, graph, ctx, path="main", parent=None, initializers=None) -> GraphIndex:
+        """Index of ``graph``; ``initializers`` (read only) replaces ``graph.initializer``."""
+        return cls(ctx, path, graph=graph, parent=parent, initializers=initializers)
 
     @classmethod
     def for_function(cls, function, ctx) -> GraphIndex:
