@@ -13,7 +13,7 @@ import click
 
 from bnfold.errors import BnfoldError, VerificationError
 
-__all__ = ["main", "cli"]
+__all__ = ["main", "cli", "printable"]
 
 # Subcommand name -> module under bnfold.cli exposing a click command called `command`.
 # Imported lazily so that e.g. `convert --no-verify` never imports onnxruntime.
@@ -52,8 +52,20 @@ def cli() -> None:
     """Batch normalization done right, and exact BN folding for ONNX models."""
 
 
+def printable(text: str) -> str:
+    """Escape the characters of `text` that a terminal would act on rather than show.
+
+    Node and tensor names come from untrusted files: printed raw, ESC, BEL or CR sequences could
+    retitle or clear the user's terminal, or forge lines of output. Each non-printable character
+    becomes its Python escape (``\\x1b``, ``\\n``); printable text, non-ASCII included, is kept.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _fail(message: str, code: int) -> None:
-    first = " ".join(str(message).split()) or "unknown error"
+    first = printable(" ".join(str(message).split())) or "unknown error"
     click.echo(f"bnfold: error: {first}", err=True)
     sys.exit(code)
 

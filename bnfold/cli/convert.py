@@ -23,6 +23,7 @@ from typing import Any
 import click
 import onnx
 
+from bnfold.cli import printable
 from bnfold.cli.verify import verification_options, verify_kwargs, write_json
 from bnfold.errors import BnfoldError, VerificationError
 
@@ -217,7 +218,7 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
     if not result["ok"]:
         result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
         for line in verification.lines():
-            click.echo(line)
+            click.echo(printable(line))
         if json_path is not None:
             write_json(json_path, result)
         raise VerificationError(_failure_message(out, verification, report, result["culprits"], keep_failing_unfolded),
@@ -228,7 +229,7 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
     result["size_bytes"]["after"] = _disk_size(out, sidecars)
     result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
     for line in _summary_lines(result, report):
-        click.echo(line)
+        click.echo(printable(line))
     if json_path is not None:
         write_json(json_path, result)
 

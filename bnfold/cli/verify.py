@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from bnfold.cli import printable
 from bnfold.errors import BnfoldError, VerificationError
 
 __all__ = ["command", "verification_options", "verify_kwargs", "write_json", "ByteSize"]
@@ -107,7 +108,7 @@ def command(reference: str, candidate: str, json_path: str | None, **params: Any
         check_output_path(json_path, overwrite=True)
     report = verify(reference, candidate, **verify_kwargs(params))
     for line in report.lines():
-        click.echo(line)
+        click.echo(printable(line))
     if json_path is not None:
         write_json(json_path, report.to_dict())
     if not report.ok:

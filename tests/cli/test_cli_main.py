@@ -45,3 +45,20 @@ def test_version():
     import bnfold
 
     assert bnfold.__version__ in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("conv1 -> bn1", "conv1 -> bn1"),
+        ("caf\u00e9 \u03b3", "caf\u00e9 \u03b3"),  # printable non-ASCII is kept as is
+        ("\x1b]0;owned\x07", "\\x1b]0;owned\\x07"),  # terminal title sequence
+        ("a\rb\nc\td", "a\\rb\\nc\\td"),
+        ("\u202e", "\\u202e"),  # right-to-left override: not printable, escaped
+    ],
+)
+def test_printable_escapes_what_a_terminal_would_act_on(text, expected):
+    from bnfold.cli import printable
+
+    assert printable(text) == expected
+    assert printable(text).isprintable()

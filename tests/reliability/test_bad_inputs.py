@@ -216,11 +216,6 @@ XFAIL_BN_SHAPE = pytest.mark.xfail(
     " ('BN parameters disagree on the number of channels') instead of refused with BnfoldError;"
     " convert --no-verify then exits 0 and passes an invalid model on",
 )
-XFAIL_CONTROL_CHARACTERS = pytest.mark.xfail(
-    strict=True,
-    reason="open bug in bnfold/cli (error boundary _fail and convert's summary lines): names from"
-    " the model are printed with their control characters (ESC, BEL, CR, LF) unescaped",
-)
 
 
 def _params(cases: list[Case], xfail: dict[str, pytest.MarkDecorator]) -> list:
@@ -644,7 +639,6 @@ def _printable(text: str) -> bool:
     return all(ch.isprintable() for ch in text)
 
 
-@XFAIL_CONTROL_CHARACTERS
 def test_error_line_escapes_control_characters_from_the_model(builders, folders, run_cli):
     """Names come from untrusted files: printed raw, escape sequences would drive the terminal."""
     src_dir, out_dir = folders
@@ -655,7 +649,6 @@ def test_error_line_escapes_control_characters_from_the_model(builders, folders,
     assert _printable(line), repr(line)
 
 
-@XFAIL_CONTROL_CHARACTERS
 def test_summary_escapes_control_characters_from_the_model(builders, folders, run_cli):
     src_dir, out_dir = folders
     model = builders.gemm_bn(training_mode=1)  # kept: its name is printed in the summary
