@@ -1100,6 +1100,7 @@ def validate_batchnorm(node: onnx.NodeProto, index: GraphIndex) -> None:
         raise BnfoldError(f"BatchNormalization '{label}' in {index.path}: epsilon is {eps:.6g}, must be >= 0")
     if len(node.input) < 5:
         return
+    _validate_parameter_shapes(node, index, label)
     var = index.constant(node.input[4])
     if var is None:
         return
@@ -1114,3 +1115,38 @@ def validate_batchnorm(node: onnx.NodeProto, index: GraphIndex) -> None:
             f" {channel} is {float(var[channel])!r} (epsilon {eps:.6g}); variance must be finite and"
             " var + epsilon > 0"
         )
+
+
+def _validate_parameter_shapes(node: onnx.NodeProto, index: GraphIndex, label: str) -> None:
+    """Raise `BnfoldError` unless BN ``node``'s constant parameters have one shape, with C values.
+
+    The ONNX spec (BatchNormalization-9 and later, and ``spatial=1`` before) gives scale, B, mean
+    and var the shape (C,), C being dimension 1 of X; with ``spatial=0`` (versions 1 to 7) they
+    are (C, D1, ..., Dn). onnxruntime refuses anything else when it loads the model, so such a
+    model is invalid input, not a BN to keep: folding or passing it on would hide that.
+    """
+    try:
+        spatial_zero = index.opset("") < 9 and not int(get_attr(node, "spatial", 1))
+    except AttributeRef:
+        return  # per-channel or per-element is decided by the caller: nothing to check against
+    shape_x = index.shape(node.input[0])
+    channels = shape_x[1] if shape_x is not None and len(shape_x) > 1 and isinstance(shape_x[1], int) else None
+    where = f"BatchNormalization '{label}' in {index.path}"
+    first: tuple[str, str, tuple[int, ...]] | None = None
+    for role, name in zip(_BN_ROLES, node.input[1:5]):
+        value = index.constant(name) if name else None
+        if value is None:  # computed at run time: unknown until then
+            continue
+        shape = tuple(np.shape(value))
+        if (len(shape) != 1) if not spatial_zero else (len(shape) < 1):
+            raise BnfoldError(f"{where}: {role} '{name}' has shape {shape}, must be (C,): one value per channel")
+        if first is not None and shape != first[2]:
+            raise BnfoldError(
+                f"{where}: {role} '{name}' has shape {shape} but {first[0]} '{first[1]}' has shape {first[2]}"
+            )
+        if channels is not None and shape[0] != channels:
+            raise BnfoldError(
+                f"{where}: {role} '{name}' has shape {shape}, {shape[0]} values for the {channels} channels"
+                f" of input '{node.input[0]}'"
+            )
+        first = first or (role, name, shape)

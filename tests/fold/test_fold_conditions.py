@@ -484,3 +484,41 @@ def test_model_without_bn_is_returned_unchanged(fk):
 def test_not_a_model():
     with pytest.raises(BnfoldError, match="ModelProto"):
         fold(b"not a model")  # type: ignore[arg-type]
+
+
+# ---- invalid parameter shapes: refused, never kept or folded ------------------------------------
+def _reshape_param(fk, m, role, array):
+    name = f"bn.{role}"
+    index = next(i for i, t in enumerate(m.graph.initializer) if t.name == name)
+    m.graph.initializer[index].CopyFrom(fk.init(name, array, fk.F32))
+
+
+@pytest.mark.parametrize(
+    ("role", "shape", "message"),
+    [
+        ("scale", (4, 1), "scale 'bn.scale' has shape (4, 1), must be (C,)"),
+        ("var", (), "var 'bn.var' has shape (), must be (C,)"),
+        ("mean", (3,), "mean 'bn.mean' has shape (3,) but scale 'bn.scale' has shape (4,)"),
+    ],
+)
+def test_wrong_parameter_shape_is_refused(fk, role, shape, message):
+    """ONNX gives BN parameters the shape (C,); onnxruntime refuses to load anything else."""
+    rng = np.random.default_rng(26)
+    m = _conv_bn(fk, rng)
+    _reshape_param(fk, m, role, np.ones(shape))
+    with pytest.raises(BnfoldError, match="BatchNormalization 'bn'") as info:
+        fold(m)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["value-info", "inferred"])
+def test_parameters_agreeing_with_each_other_but_not_with_the_input_are_refused(fk, declared):
+    """3 values everywhere, but the Conv makes 4 channels (declared, or inferred from its weight)."""
+    rng = np.random.default_rng(27)
+    m = _conv_bn(fk, rng)
+    for role in ("scale", "bias", "mean", "var"):
+        _reshape_param(fk, m, role, np.ones(3))
+    if declared:
+        m.graph.value_info.append(fk.vi("z", fk.F32, ["N", 4, 5, 5]))
+    with pytest.raises(BnfoldError, match="3 values for the 4 channels of input 'z'"):
+        fold(m)

@@ -208,19 +208,6 @@ CASES = [
 ]
 CASE_IDS = [case.id for case in CASES]
 
-# Open bugs in code outside bnfold/io, reported with these tests; strict, so a fix makes them
-# fail until the mark is removed.
-XFAIL_BN_SHAPE = pytest.mark.xfail(
-    strict=True,
-    reason="open bug in bnfold/fold: a BN whose scale has 3 values for 4 channels is kept"
-    " ('BN parameters disagree on the number of channels') instead of refused with BnfoldError;"
-    " convert --no-verify then exits 0 and passes an invalid model on",
-)
-
-
-def _params(cases: list[Case], xfail: dict[str, pytest.MarkDecorator]) -> list:
-    return [pytest.param(case, id=case.id, marks=[xfail[case.id]] if case.id in xfail else []) for case in cases]
-
 SUBPROCESS_CASES = {"missing-path", "random-bytes", "nan-variance", "external-data-dotdot", "zero-dimension"}
 
 
@@ -251,7 +238,7 @@ def test_convert_refuses_bad_input(case, builders, folders, run_cli, snapshot):
 FOLD_CASES = [case for case in CASES if case.api == "fold"]
 
 
-@pytest.mark.parametrize("case", _params(FOLD_CASES, {"bn-wrong-param-shape": XFAIL_BN_SHAPE}))
+@pytest.mark.parametrize("case", FOLD_CASES, ids=lambda c: c.id)
 def test_convert_no_verify_refuses_invalid_bn(case, builders, folders, run_cli, snapshot):
     """Without verification nothing else would notice: the fold itself must refuse the model."""
     src_dir, out_dir = folders
@@ -289,7 +276,7 @@ def test_verify_refuses_bad_model(case, position, builders, folders, run_cli, sn
     before.assert_unchanged()
 
 
-@pytest.mark.parametrize("case", _params(CASES, {"bn-wrong-param-shape": XFAIL_BN_SHAPE}))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_api_refuses_bad_input(case, builders, folders, snapshot):
     """The responsible API function raises BnfoldError; the stages before it accept the input."""
     from bnfold.fold import fold
