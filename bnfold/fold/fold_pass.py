@@ -38,6 +38,7 @@ from bnfold.fold.graph import (
     AttributeRef,
     FoldOptions,
     GraphIndex,
+    Invalid,
     ModelContext,
     Pattern,
     Rewrite,
@@ -191,6 +192,8 @@ def _try_patterns(node, index: GraphIndex, candidates) -> tuple[Rewrite | None, 
             result = Skip(f"attribute '{ref}' is given by the calling function")
         if result is None:
             continue
+        if isinstance(result, Invalid) and node.op_type == _BN:
+            raise BnfoldError(f"BatchNormalization '{node_label(node)}' in {index.path}: {result.reason}")
         if isinstance(result, Skip):
             log.debug("%s on %s: %s", pat.name, node_label(node), result.reason)
             reasons.append(result.reason)

@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Skip",
+    "Invalid",
     "Rewrite",
     "Pattern",
     "FunctionPattern",
@@ -116,6 +117,15 @@ class Skip:
     """A pattern applies to a node but cannot fold it exactly; ``reason`` reaches the report."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class Invalid(Skip):
+    """The model is invalid at this node, e.g. BN parameters for 3 channels after a 4-channel Conv.
+
+    Patterns anchored on other ops (decomposed chains) treat it as a `Skip`; for a
+    BatchNormalization node the pass raises `BnfoldError` with ``reason`` instead of keeping it.
+    """
 
 
 @dataclass
@@ -1129,8 +1139,13 @@ def _validate_parameter_shapes(node: onnx.NodeProto, index: GraphIndex, label: s
         spatial_zero = index.opset("") < 9 and not int(get_attr(node, "spatial", 1))
     except AttributeRef:
         return  # per-channel or per-element is decided by the caller: nothing to check against
-    shape_x = index.shape(node.input[0])
-    channels = shape_x[1] if shape_x is not None and len(shape_x) > 1 and isinstance(shape_x[1], int) else None
+    # Declared shapes only: `index.shape` may run shape inference over the whole model, which costs
+    # more than the fold. A producer's channel count is checked when the fold reads its weight.
+    channels = None
+    declared = index.types.get(node.input[0])
+    if declared is not None and declared.HasField("tensor_type") and len(declared.tensor_type.shape.dim) > 1:
+        dim = declared.tensor_type.shape.dim[1]
+        channels = int(dim.dim_value) if dim.HasField("dim_value") else None
     where = f"BatchNormalization '{label}' in {index.path}"
     first: tuple[str, str, tuple[int, ...]] | None = None
     for role, name in zip(_BN_ROLES, node.input[1:5]):

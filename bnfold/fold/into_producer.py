@@ -35,6 +35,7 @@ from bnfold.fold.algebra import fold_affine
 from bnfold.fold.graph import (
     BatchNormParams,
     GraphIndex,
+    Invalid,
     Rewrite,
     Skip,
     get_attr,
@@ -207,7 +208,8 @@ def _fold_conv(node, producer, params: BatchNormParams, spec: ProducerSpec, inde
     view, axis, restore = _channel_view(weight, spec, producer)
     channels = view.shape[axis]
     if channels != params.channels:
-        return Skip(f"{producer.op_type} has {channels} output channels, BN has {params.channels}")
+        return Invalid(f"{producer.op_type} '{node_label(producer)}' has {channels} output channels but the BN"
+                       f" parameters have {params.channels} values")
     if bias is not None and bias.size not in (1, channels):
         return Skip(f"{producer.op_type} bias '{bias_name}' has shape {bias.shape}")
     scale, shift = params.affine()
@@ -244,7 +246,8 @@ def _fold_gemm(node, producer, params: BatchNormParams, spec: ProducerSpec, inde
         return Skip(f"Gemm weight '{weight_name}' has rank {weight.ndim}")
     view, axis, restore = _channel_view(weight, spec, producer)
     if view.shape[axis] != params.channels:
-        return Skip(f"Gemm has {view.shape[axis]} output columns, BN has {params.channels}")
+        return Invalid(f"Gemm '{node_label(producer)}' has {view.shape[axis]} output columns but the BN"
+                       f" parameters have {params.channels} values")
     # ONNX Gemm defaults: alpha = beta = 1.
     alpha = float(get_attr(producer, "alpha", 1.0))
     beta = float(get_attr(producer, "beta", 1.0))

@@ -520,5 +520,15 @@ def test_parameters_agreeing_with_each_other_but_not_with_the_input_are_refused(
         _reshape_param(fk, m, role, np.ones(3))
     if declared:
         m.graph.value_info.append(fk.vi("z", fk.F32, ["N", 4, 5, 5]))
-    with pytest.raises(BnfoldError, match="3 values for the 4 channels of input 'z'"):
+    expected = "3 values for the 4 channels of input 'z'" if declared else "4 output channels but the BN parameters have 3"
+    with pytest.raises(BnfoldError, match=f"BatchNormalization 'bn' in main: .*{expected}"):
+        fold(m)
+
+
+def test_gemm_columns_disagreeing_with_bn_parameters_are_refused(fk):
+    rng = np.random.default_rng(28)
+    bn, bn_inits = fk.bn_node("z", "y", "bn", rng, 3)
+    m = fk.model([helper.make_node("Gemm", ["x", "w"], ["z"], name="fc"), bn], [fk.vi("x", fk.F32, ["N", 5])],
+                 [fk.vi("y", fk.F32, ["N", 3])], [fk.init("w", rng.standard_normal((5, 4)), fk.F32), *bn_inits])
+    with pytest.raises(BnfoldError, match="Gemm 'fc' has 4 output columns but the BN parameters have 3 values"):
         fold(m)
