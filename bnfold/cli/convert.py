@@ -48,14 +48,9 @@ def _count_nodes(graph: onnx.GraphProto) -> int:
 
 def _external_files(path: Path) -> list[Path]:
     """Files holding the external data of the model at ``path`` (already validated by load_model)."""
-    from onnx.external_data_helper import _get_all_tensors
+    from bnfold.io.external import external_files_of
 
-    proto = onnx.load_model(str(path), load_external_data=False)
-    locations = set()
-    for tensor in _get_all_tensors(proto):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
-    return [path.resolve().parent / location for location in sorted(locations)]
+    return sorted(external_files_of(path))
 
 
 def _disk_size(path: Path, extra: list[Path]) -> int:
@@ -74,12 +69,10 @@ def _check(model_or_path: onnx.ModelProto | str, out: Path, *, written: bool = F
 def _write(model: onnx.ModelProto, out: Path, *, external: bool, check: bool) -> None:
     from bnfold.io import save_model
 
-    in_memory = model.ByteSize() <= _PROTOBUF_LIMIT
-    if check and in_memory:
+    if check and not external:
         _check(model, out)
-    # None lets save_model choose external data when the folded model exceeds 2 GB.
-    save_model(model, out, external_data=True if external else None)
-    if check and not in_memory:  # the checker reads models over 2 GB only from a file
+    save_model(model, out, external_data=external)
+    if check and external:  # the checker reads models over 2 GB only from a file
         _check(str(out), out, written=True)
 
 
@@ -189,7 +182,7 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
         raise BnfoldError("missing -o/--output (or give --in-place to replace IN)")
     out = Path(output_path) if output_path is not None else source
     _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
-    model, external, size_before = _load(source)
+    model, external, size_before, in_bytes = _load(source)
     loaded = time.perf_counter()
 
     fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
@@ -224,8 +217,11 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
         raise VerificationError(_failure_message(out, verification, report, result["culprits"], keep_failing_unfolded),
                                 verification)
 
+    # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
+    # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.
+    external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and folded.ByteSize() > _PROTOBUF_LIMIT)
     _write(folded, out, external=external, check=check)
-    sidecars = _external_files(out) if external or folded.ByteSize() > _PROTOBUF_LIMIT else []
+    sidecars = _external_files(out) if external else []
     result["size_bytes"]["after"] = _disk_size(out, sidecars)
     result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
     for line in _summary_lines(result, report):
@@ -234,15 +230,17 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
         write_json(json_path, result)
 
 
-def _load(source: Path) -> tuple[onnx.ModelProto, bool, int]:
-    """The model, whether OUT should use external data, and IN's size on disk (with its data)."""
+def _load(source: Path) -> tuple[onnx.ModelProto, bool, int, int]:
+    """The model, whether OUT should use external data, IN's size on disk (with its data), and
+    the model's serialized size in memory."""
     from bnfold.io import load_model
 
     model = load_model(source)
-    # load_model reads external tensors into memory: a model larger in memory than its file had them.
-    had_external = model.ByteSize() > source.stat().st_size
-    size = _disk_size(source, _external_files(source) if had_external else [])
-    return model, had_external or model.ByteSize() > _PROTOBUF_LIMIT, size
+    data_files = _external_files(source)  # recorded by load_model: no second parse
+    size = _disk_size(source, data_files)
+    # Without external data the file is the serialized model; with it, measure (the data is in memory now).
+    in_bytes = model.ByteSize() if data_files else source.stat().st_size
+    return model, bool(data_files) or in_bytes > _PROTOBUF_LIMIT, size, in_bytes
 
 
 def _verify(model: onnx.ModelProto, folded: onnx.ModelProto, report: Any, fold_options: dict[str, Any],

@@ -23,8 +23,14 @@ from bnfold.io.files import all_tensors, one_line, resolved
 
 __all__ = ["load_external_data", "external_files_of"]
 
-# Resolved model path -> resolved external data files it was loaded from (see check_output_path).
-_EXTERNAL_SOURCES: dict[Path, set[Path]] = {}
+# Resolved model path -> (its size and modification time when loaded, the resolved external data
+# files it was loaded from; empty for none), for check_output_path and convert's size accounting.
+_EXTERNAL_SOURCES: dict[Path, tuple[tuple[int, int], frozenset[Path]]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
 
 
 def load_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -60,8 +66,7 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
         tensor.ClearField("data_location")
         del tensor.external_data[:]
         sources.add(target)
-    if sources:
-        _EXTERNAL_SOURCES[path.resolve()] = sources
+    _EXTERNAL_SOURCES[path.resolve()] = (_stamp(path), frozenset(sources))
 
 
 def _check_external_location(path: Path, base: Path, tensor_name: str, location: str) -> Path:
@@ -172,10 +177,18 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
 
 
 def external_files_of(model_path: Path) -> set[Path]:
-    """External data files of the model at `model_path` (recorded by `load_model`, or parsed)."""
+    """External data files of the model at `model_path` (recorded by `load_model`, or parsed).
+
+    The record is used only while the file has the size and modification time it had when it was
+    loaded; a file replaced since is parsed again.
+    """
     known = _EXTERNAL_SOURCES.get(resolved(model_path))
     if known is not None:
-        return known
+        try:
+            if _stamp(model_path) == known[0]:
+                return set(known[1])
+        except OSError:
+            pass
     if model_path.suffix.lower() != ".onnx" or not model_path.is_file():
         return set()
     try:

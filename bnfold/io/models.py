@@ -20,7 +20,7 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.io.external import load_external_data
-from bnfold.io.files import PROTOBUF_LIMIT, check_input_file, one_line, read_bytes
+from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, check_input_file, one_line, read_bytes
 
 __all__ = ["load_model", "check_model"]
 
@@ -46,16 +46,19 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         If the file is missing, not a model, too new, unsafe, or fails the checker.
     """
     path = Path(path)
-    model = _parse(path)
+    model, raw = _parse(path)
     _check_versions(model, path)
+    external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(model))
     load_external_data(model, path)
     if check:
         _check_names(model, path)
-        check_model(model, path)
+        # Without external data the file's bytes are the model: the checker parses them itself,
+        # which spares serializing the whole model again (that costs more than the check).
+        _run_checker(model if external else raw, path)
     return model
 
 
-def _parse(path: Path) -> onnx.ModelProto:
+def _parse(path: Path) -> tuple[onnx.ModelProto, bytes]:
     check_input_file(path)
     size = path.stat().st_size
     if size > PROTOBUF_LIMIT:
@@ -64,8 +67,9 @@ def _parse(path: Path) -> onnx.ModelProto:
             " their tensors in external data files"
         )
     model = onnx.ModelProto()
+    raw = read_bytes(path)
     try:
-        model.ParseFromString(read_bytes(path))
+        model.ParseFromString(raw)
     except BnfoldError:
         raise
     except Exception as exc:  # google.protobuf DecodeError, RuntimeError for deep nesting, ...
@@ -75,7 +79,7 @@ def _parse(path: Path) -> onnx.ModelProto:
         raise BnfoldError(f"{path}: not a valid ONNX model (protobuf: {detail})") from None
     if not model.HasField("graph"):
         raise BnfoldError(f"{path}: not an ONNX model (no graph; is it another protobuf message?)")
-    return model
+    return model, raw
 
 
 def _check_names(model: onnx.ModelProto, source: Path | str) -> None:
@@ -151,8 +155,13 @@ def check_model(model: onnx.ModelProto, source: str | os.PathLike = "<model>") -
         If the versions are unknown or the checker fails, quoting the checker's message.
     """
     _check_versions(model, source)
+    _run_checker(model, source)
+
+
+def _run_checker(model: onnx.ModelProto | bytes, source: str | os.PathLike) -> None:
+    """``onnx.checker.check_model`` on a model, or on the serialized bytes of one."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
             onnx.checker.check_model(os.fspath(source))
         else:
             onnx.checker.check_model(model)
