@@ -16,6 +16,7 @@ __all__ = [
     "export_onnx",
     "fold",
     "verify",
+    "convert",
     "__version__",
 ]
 
@@ -25,6 +26,7 @@ _LAZY = {
     "export_onnx": "bnfold.export",
     "fold": "bnfold.fold",
     "verify": "bnfold.verify",
+    "convert": "bnfold.conversion",
 }
 
 

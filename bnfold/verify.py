@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 
 from bnfold.errors import BnfoldError
 
@@ -475,14 +476,18 @@ def _session(model: onnx.ModelProto, label: str, threads: int):
     options.log_severity_level = 4
     try:
         data = model.SerializeToString()
-    except ValueError:  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
+    except (ValueError, EncodeError):  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
         data = None
     try:
         if data is not None:
             return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        from bnfold.io import save_model
+
         with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
             path = Path(folder) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+            # Not onnx.save_model(save_as_external_data=True): it rewrites the caller's model in
+            # place to point at the temporary files.
+            save_model(model, path, external_data=True)
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise BnfoldError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}") from None

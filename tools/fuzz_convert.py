@@ -213,7 +213,6 @@ def apply_proto_ops(data: bytes, ops: Sequence[ProtoOp]) -> bytes:
     """Parse `data` (a valid model), apply structural mutations, serialize."""
     model = onnx.ModelProto()
     model.ParseFromString(data)
-    graph = model.graph
     for name, args in ops:
         # A mutation that does not apply to an already mutated model is skipped.
         with contextlib.suppress(Exception):

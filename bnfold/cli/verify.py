@@ -5,7 +5,6 @@ Also defines the verification options that `bnfold convert` shares.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import click
 
 from bnfold.cli import printable
 from bnfold.errors import BnfoldError, VerificationError
+from bnfold.io.writing import write_json
 
 __all__ = ["command", "verification_options", "verify_kwargs", "write_json", "ByteSize"]
 
@@ -73,18 +73,6 @@ def verify_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "threads": params["threads"],
         "max_bytes": params["max_memory"],
     }
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically."""
-    from bnfold.io import atomic_path
-
-    path = Path(path)
-    if path.is_dir():
-        raise BnfoldError(f"{path}: report path is a directory")
-    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 @click.command()

@@ -8,14 +8,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from bnfold.errors import BnfoldError
 
-__all__ = ["PROTOBUF_LIMIT", "one_line", "check_input_file", "read_bytes", "resolved", "same_file", "all_tensors"]
+__all__ = ["PROTOBUF_LIMIT", "serialized_size", "one_line", "check_input_file", "read_bytes", "resolved", "same_file", "all_tensors"]
 
 # Protobuf refuses to parse or serialize a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
 _MAX_MESSAGE = 300
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes `model` takes serialized, or ``PROTOBUF_LIMIT + 1`` when it is over the limit.
+
+    Protobuf's ``ByteSize`` raises ``EncodeError`` instead of answering for messages over 2 GiB
+    (it costs about as much as serializing: call it only where the answer matters).
+    """
+    try:
+        return model.ByteSize()
+    except (EncodeError, ValueError):
+        return PROTOBUF_LIMIT + 1
 
 
 def one_line(text: object) -> str:

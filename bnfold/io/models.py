@@ -20,7 +20,7 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.io.external import load_external_data
-from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, check_input_file, one_line, read_bytes
+from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, check_input_file, one_line, read_bytes, serialized_size
 
 __all__ = ["load_model", "check_model"]
 
@@ -161,7 +161,7 @@ def check_model(model: onnx.ModelProto, source: str | os.PathLike = "<model>") -
 def _run_checker(model: onnx.ModelProto | bytes, source: str | os.PathLike) -> None:
     """``onnx.checker.check_model`` on a model, or on the serialized bytes of one."""
     try:
-        if isinstance(model, onnx.ModelProto) and model.ByteSize() > PROTOBUF_LIMIT:
+        if isinstance(model, onnx.ModelProto) and serialized_size(model) > PROTOBUF_LIMIT:
             onnx.checker.check_model(os.fspath(source))
         else:
             onnx.checker.check_model(model)

@@ -10,19 +10,22 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from bnfold.errors import BnfoldError
 from bnfold.io.atomic import atomic_path
 from bnfold.io.external import external_files_of
 from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, resolved, same_file
 
-__all__ = ["check_output_path", "save_model"]
+__all__ = ["check_output_path", "save_model", "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +94,25 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         ``None`` does so only when the model is too large for one protobuf (2 GiB).
     """
     path = Path(path)
-    if external_data is None:
-        external_data = model.ByteSize() > PROTOBUF_LIMIT
     if external_data:
         _save_with_external_data(model, path)
         return
+    # Serialize first and look at the size afterwards: asking protobuf for the size costs as much
+    # as serializing, and most models are far below the limit.
+    try:
+        data = model.SerializeToString()
+    except (ValueError, EncodeError) as exc:  # protobuf refuses messages over 2 GB
+        if external_data is None:
+            _save_with_external_data(model, path)
+            return
+        raise BnfoldError(f"{path}: model too large to serialize in one file ({exc})") from None
+    if len(data) > PROTOBUF_LIMIT:
+        if external_data is None:
+            del data
+            _save_with_external_data(model, path)
+            return
+        raise BnfoldError(f"{path}: model too large for one file ({len(data)} bytes); use external data")
     with atomic_path(path) as tmp:
-        try:
-            data = model.SerializeToString()
-        except ValueError as exc:  # protobuf refuses messages over 2 GB
-            raise BnfoldError(f"{path}: model too large to serialize in one file ({exc})") from None
         tmp.write_bytes(data)
 
 
@@ -194,3 +206,13 @@ def _sidecars_of(path: Path) -> set[Path]:
                 if candidate.is_file():
                     found.add(candidate)
     return found
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically."""
+    path = Path(path)
+    if path.is_dir():
+        raise BnfoldError(f"{path}: report path is a directory")
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -15,7 +15,6 @@ independent pure-Python implementation), bfloat16 models are upcast exactly to f
 
 from __future__ import annotations
 
-import math
 import types
 
 import numpy as np

@@ -474,7 +474,6 @@ def test_output_keeps_model_metadata(fk):
 
 
 def test_model_without_bn_is_returned_unchanged(fk):
-    rng = np.random.default_rng(29)
     m = fk.model([helper.make_node("Relu", ["x"], ["y"])], [fk.vi("x", fk.F32, [2])], [fk.vi("y", fk.F32, [2])])
     out, report = fold(m)
     assert out is not m and out.SerializeToString() == m.SerializeToString()

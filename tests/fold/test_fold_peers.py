@@ -60,12 +60,11 @@ def _peer_onnxoptimizer(m, tmp_path):
 
 
 def _peer_onnxscript_optimize(m, tmp_path):
-    onnxscript = pytest.importorskip("onnxscript")
-    import onnxscript.optimizer
+    optimizer = pytest.importorskip("onnxscript.optimizer")
 
     copy = onnx.ModelProto()
     copy.CopyFrom(m)
-    return onnxscript.optimizer.optimize(copy)
+    return optimizer.optimize(copy)
 
 
 def _peer_onnxscript_rules(m, tmp_path):

@@ -235,6 +235,21 @@ def test_convert_refuses_bad_input(case, builders, folders, run_cli, snapshot):
     before.assert_unchanged()
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_convert_api_refuses_bad_input(case, builders, folders, snapshot):
+    """`bnfold.convert`, the one-call Python API, answers as the command does: one BnfoldError."""
+    import bnfold
+
+    src_dir, out_dir = folders
+    src = case.make(src_dir, builders)
+    before = snapshot(_inputs(src_dir), [src_dir, out_dir])
+    with pytest.raises(BnfoldError) as info:
+        bnfold.convert(src, out_dir / "out.onnx")
+    message = str(info.value)
+    assert re.search(case.expect, message) and "\n" not in message, message
+    before.assert_unchanged()
+
+
 FOLD_CASES = [case for case in CASES if case.api == "fold"]
 
 

@@ -15,8 +15,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import bnfold.io as bio
-
 
 @pytest.fixture
 def existing_out(builders, tmp_path):

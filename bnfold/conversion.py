@@ -1,0 +1,322 @@
+"""Convert an ONNX model file: load, fold BatchNormalization, verify, write (`bnfold convert`).
+
+The pipeline: load (`bnfold.io.load_model`), fold (`bnfold.fold.fold`), verify against the input
+in onnxruntime (`bnfold.verify.verify`, unless ``verify=False``), write OUT atomically. OUT is
+written only after verification passed, so a failed run never leaves OUT behind and never
+touches an existing OUT. When verification fails, the folds responsible are found by bisection
+(`bnfold.verify.find_culprits`, re-folding with ``exclude=``) and named; with
+``keep_failing_unfolded=True`` the model is written with just those BNs left unfolded (verified).
+
+Models whose tensors were stored as external data, or that exceed protobuf's 2 GB limit, are
+written with every tensor of 1 KiB or more in a sidecar ``OUT.<content hash>.data`` beside OUT
+(`bnfold.io.save_model`), so that replacing OUT never breaks the previous file's data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bnfold.errors import BnfoldError, VerificationError
+from bnfold.io.files import serialized_size
+from bnfold.io.writing import write_json
+
+__all__ = ["convert", "ConvertResult"]
+
+# Protobuf refuses to serialize messages of 2 GiB or more; leave headroom for the graph itself.
+_PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+@dataclass
+class ConvertResult:
+    """What `convert` did.
+
+    Attributes
+    ----------
+    data : dict
+        The machine-readable report (what ``bnfold convert --json`` writes): input, output, ok,
+        BN counts, fold entries, tensor map, node counts, sizes, verification, timing.
+    report : bnfold.fold.FoldReport
+        BN by BN: folded into which node, or kept and why.
+    verification : bnfold.verify.VerifyReport or None
+        None when verification was skipped.
+    """
+
+    data: dict[str, Any]
+    report: Any
+    verification: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.data["ok"])
+
+    def lines(self) -> list[str]:
+        """The human-readable summary ``bnfold convert`` prints."""
+        return _summary_lines(self.data, self.report)
+
+
+def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+            force: bool = False, in_place: bool = False, verify: bool = True, check: bool = False,
+            decompose_rest: bool = False, keep_initializer_inputs: bool = False,
+            keep_failing_unfolded: bool = False, json_path: str | os.PathLike | None = None,
+            inputs: str | os.PathLike | Mapping[str, Any] | None = None, rtol: float | None = None,
+            atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
+            max_bytes: int = 2 * 1024**3) -> ConvertResult:
+    """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.
+
+    Parameters
+    ----------
+    input_path, output_path : path
+        IN and OUT. IN is never modified; OUT is written atomically, only after verification
+        passed. ``output_path=None`` requires ``in_place=True`` (OUT = IN).
+    force : bool
+        Allow replacing an existing OUT.
+    in_place : bool
+        Allow OUT to be IN.
+    verify : bool
+        Compare OUT with IN in onnxruntime before writing (``False`` never imports onnxruntime).
+    check : bool
+        Run ``onnx.checker.check_model(full_check=True)`` on OUT before writing it.
+    decompose_rest, keep_initializer_inputs :
+        Options of `bnfold.fold.fold`.
+    keep_failing_unfolded : bool
+        If verification fails, leave the BNs responsible unfolded and write the verified rest.
+    json_path : path, optional
+        Also write ``ConvertResult.data`` as JSON here (also when verification fails).
+    inputs, rtol, atol, batch, seed, threads, max_bytes :
+        Options of `bnfold.verify.verify`.
+
+    Returns
+    -------
+    ConvertResult
+
+    Raises
+    ------
+    BnfoldError
+        Bad input, unsafe or unwritable paths (nothing written).
+    VerificationError
+        OUT disagrees with IN (OUT not written; ``.report`` is the `VerifyReport`).
+    """
+    started = time.perf_counter()
+    source = Path(input_path)
+    if output_path is None and not in_place:
+        raise BnfoldError("missing -o/--output (or give --in-place to replace IN)")
+    out = Path(output_path) if output_path is not None else source
+    _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
+    model, external, size_before, in_bytes = _load(source)
+    loaded = time.perf_counter()
+
+    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
+    folded, report = _fold(model, fold_options)
+    fold_done = time.perf_counter()
+
+    result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
+                              "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
+    verification = None
+    if verify:
+        options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
+                   "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}")}
+        folded, report, verification = _verify(model, folded, report, fold_options, options,
+                                               keep_failing_unfolded, result)
+        verification.reference, verification.candidate = str(source), str(out)
+        result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok)
+    verify_done = time.perf_counter()
+    result.update({
+        "bn_folded": report.folded,
+        "bn_total": report.total,
+        "fold": report.to_dict(),
+        "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
+        "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
+        "size_bytes": {"before": size_before, "after": None},
+    })
+
+    if not result["ok"]:
+        result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
+        if json_path is not None:
+            write_json(json_path, result)
+        raise VerificationError(_failure_message(out, verification, report, result["culprits"], keep_failing_unfolded),
+                                verification)
+
+    # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
+    # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.
+    external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and serialized_size(folded) > _PROTOBUF_LIMIT)
+    _write(folded, out, external=external, check=check)
+    sidecars = _external_files(out) if external else []
+    result["size_bytes"]["after"] = _disk_size(out, sidecars)
+    result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
+    if json_path is not None:
+        write_json(json_path, result)
+    return ConvertResult(data=result, report=report, verification=verification)
+
+
+def _count_nodes(graph: onnx.GraphProto) -> int:
+    count = 0
+    for node in graph.node:
+        count += 1
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                count += _count_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                count += sum(_count_nodes(sub) for sub in attribute.graphs)
+    return count
+
+
+def _external_files(path: Path) -> list[Path]:
+    """Files holding the external data of the model at ``path`` (already validated by load_model)."""
+    from bnfold.io.external import external_files_of
+
+    return sorted(external_files_of(path))
+
+
+def _disk_size(path: Path, extra: list[Path]) -> int:
+    return path.stat().st_size + sum(item.stat().st_size for item in extra if item.is_file())
+
+
+def _check(model_or_path: onnx.ModelProto | str, out: Path, *, written: bool = False) -> None:
+    try:
+        onnx.checker.check_model(model_or_path, full_check=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        state = "written, but" if written else "not written:"
+        raise BnfoldError(f"{out}: {state} the folded model fails onnx.checker: {first}") from None
+
+
+def _write(model: onnx.ModelProto, out: Path, *, external: bool, check: bool) -> None:
+    from bnfold.io import save_model
+
+    if check and not external:
+        _check(model, out)
+    save_model(model, out, external_data=external)
+    if check and external:  # the checker reads models over 2 GB only from a file
+        _check(str(out), out, written=True)
+
+
+def _check_paths(input_path: Path, out: Path, *, force: bool, in_place: bool, json_path: str | None) -> None:
+    from bnfold.io import check_output_path
+
+    same = out.resolve() == input_path.resolve() or (
+        out.exists() and input_path.exists() and os.path.samefile(out, input_path))
+    if same and not in_place:
+        raise BnfoldError(f"{out}: output is the same file as the input; use --in-place to allow it")
+    check_output_path(out, overwrite=force or same, inputs=() if same else (input_path,))
+    if json_path is not None:
+        if Path(json_path).resolve() in (out.resolve(), input_path.resolve()):
+            raise BnfoldError(f"{json_path}: the JSON report path equals the input or the output model")
+        # Checked now, so that a bad report path fails before any work, not after OUT is written.
+        check_output_path(json_path, overwrite=True)
+
+
+def _fold(model: onnx.ModelProto, options: dict[str, Any], exclude: frozenset[str] = frozenset()):
+    # Looked up at call time so that the fold pass is one module attribute (tests can wrap it).
+    fold_module = importlib.import_module("bnfold.fold")
+    return fold_module.fold(model, exclude=exclude, **options)
+
+
+def _localize(model: onnx.ModelProto, report: Any, fold_options: dict[str, Any],
+              verify_options: dict[str, Any]) -> list[str] | None:
+    """Names of the BN folds that make verification fail, or None if they cannot be told apart."""
+    from bnfold.verify import find_culprits, verify
+
+    changed = [entry.bn for entry in report.entries if entry.status != "kept"]
+    if not changed or len(set(changed)) != len(changed) or not all(changed):
+        return None
+
+    def fails(subset: frozenset[str]) -> bool:
+        candidate, _ = _fold(model, fold_options, frozenset(changed) - subset)
+        return not verify(model, candidate, **verify_options).ok
+
+    return find_culprits(changed, fails) or None
+
+
+def _describe(report: Any, names: list[str]) -> str:
+    into = {entry.bn: entry.into for entry in report.entries}
+    return ", ".join(f"'{name}'" + (f" (into '{into[name]}')" if into.get(name) else "") for name in names)
+
+
+def _human(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024**2:
+        return f"{size / 1024:.1f} KiB"
+    if size < 1024**3:
+        return f"{size / 1024**2:.1f} MiB"
+    return f"{size / 1024**3:.2f} GiB"
+
+
+def _summary_lines(result: dict[str, Any], report: Any) -> list[str]:
+    lines = [f"{result['input']} -> {result['output']}"]
+    line = f"BN folded {report.folded} of {report.total}"
+    if report.decomposed:
+        line += f" ({report.decomposed} decomposed into Mul + Add)"
+    lines.append(line)
+    lines += [entry.line() for entry in report.entries if entry.status == "kept"]
+    lines += [f"note: {note}" for note in report.notes]
+    if report.subnormals_flushed:
+        lines.append(f"note: {report.subnormals_flushed} subnormal folded values flushed to zero")
+    if result.get("kept_unfolded"):
+        lines.append(f"kept unfolded after failed verification: {', '.join(result['kept_unfolded'])}")
+    nodes, size = result["nodes"], result["size_bytes"]
+    lines.append(f"nodes {nodes['before']} -> {nodes['after']}, file size {_human(size['before'])} -> {_human(size['after'])}")
+    verification = result["verification"]
+    if verification is None:
+        lines.append("verification skipped (--no-verify)")
+    else:
+        lines.append(f"max abs error {result['max_abs_error']:.3g} (onnxruntime, graph optimizations disabled): "
+                     + ("equivalent" if verification["ok"] else "NOT equivalent"))
+    lines.append(f"time {result['timing_s']['total']:.2f} s")
+    return lines
+
+
+def _load(source: Path) -> tuple[onnx.ModelProto, bool, int, int]:
+    """The model, whether OUT should use external data, IN's size on disk (with its data), and
+    the model's serialized size in memory."""
+    from bnfold.io import load_model
+
+    model = load_model(source)
+    data_files = _external_files(source)  # recorded by load_model: no second parse
+    size = _disk_size(source, data_files)
+    # Without external data the file is the serialized model; with it, measure (the data is in memory now).
+    in_bytes = serialized_size(model) if data_files else source.stat().st_size
+    return model, bool(data_files) or in_bytes > _PROTOBUF_LIMIT, size, in_bytes
+
+
+def _verify(model: onnx.ModelProto, folded: onnx.ModelProto, report: Any, fold_options: dict[str, Any],
+            verify_options: dict[str, Any], keep_failing_unfolded: bool, result: dict[str, Any]):
+    """Verify ``folded``; on failure name the responsible folds and, if asked, refold without them."""
+    from bnfold.verify import verify
+
+    verification = verify(model, folded, **verify_options)
+    if verification.ok:
+        return folded, report, verification
+    culprits = _localize(model, report, fold_options, verify_options) or []
+    result["culprits"] = culprits
+    if culprits and keep_failing_unfolded:
+        retry, retry_report = _fold(model, fold_options, frozenset(culprits))
+        retry_verification = verify(model, retry, **verify_options)
+        if retry_verification.ok:
+            result["kept_unfolded"] = culprits
+            return retry, retry_report, retry_verification
+    return folded, report, verification
+
+
+def _failure_message(out: Path, verification: Any, report: Any, culprits: list[str], keep_failing_unfolded: bool) -> str:
+    message = f"{out}: not written: verification failed: {verification.summary()}"
+    if not culprits:
+        return message + "; no single fold could be blamed"
+    message += f"; responsible folds: {_describe(report, culprits)}"
+    if not keep_failing_unfolded:
+        message += "; --keep-failing-unfolded writes OUT with them unfolded"
+    return message
+
+
+def _timing(started: float, loaded: float, folded: float, verified: float, finished: float) -> dict[str, float]:
+    return {"load": round(loaded - started, 6), "fold": round(folded - loaded, 6),
+            "verify": round(verified - folded, 6), "save": round(finished - verified, 6),
+            "total": round(finished - started, 6)}
