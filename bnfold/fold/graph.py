@@ -103,7 +103,7 @@ _CACHE_MAX_BYTES = 1 << 16
 #: Ops whose outputs are pure functions of their inputs, removed when a fold leaves them unused.
 _PURE_CONSTANT_OPS = frozenset(
     {"Constant", "Identity", "Cast", "CastLike", "ConstantOfShape", "Reshape", "Unsqueeze",
-     "Squeeze", "Expand", "Shape", "Transpose", "Concat"}
+     "Squeeze", "Expand", "Shape", "Transpose", "Concat", "Gather"}
 )
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -751,6 +751,8 @@ class GraphIndex:
         label = f"'{name}' is computed at run time by {op} '{node_label(node)}'"
         if node.domain not in _DEFAULT_DOMAINS or op not in _CONSTANT_OPS:
             return None, label
+        if op == "Gather" and len(node.input) == 2 and self._evaluate(node.input[0], depth + 1)[0] is None:
+            return self._gather_static_dims(node, label, depth)
         args = []
         for i, inp in enumerate(node.input):
             if op == "CastLike" and i == 1:
@@ -778,6 +780,34 @@ class GraphIndex:
         if value.size > MAX_CONSTANT_ELEMENTS:
             return None, f"{label} (constant too large to evaluate)"
         return value, None
+
+    def _gather_static_dims(self, node, label: str, depth: int) -> tuple[np.ndarray | None, str | None]:
+        """``Gather(Shape(x), i)`` where ``x`` is computed at run time but dimension ``i`` of its
+        shape is static: a constant (exporters build reshape targets this way, e.g. Keras 3's
+        depthwise convolution bias ``Reshape(b, Concat(1, 1, 1, Gather(Shape(x), 3)))``)."""
+        shape_node = self.producer.get(node.input[0])
+        if shape_node is None or shape_node.op_type != "Shape" or shape_node.domain not in _DEFAULT_DOMAINS:
+            return None, label
+        dims = self.shape(shape_node.input[0])
+        indices, reason = self._evaluate(node.input[1], depth + 1)
+        if dims is None or indices is None:
+            return None, reason or f"{label} (the shape of '{shape_node.input[0]}' is unknown)"
+        rank = len(dims)
+        start = int(get_attr(shape_node, "start", 0))  # ONNX Shape-15 start/end, clamped as the spec says
+        end = get_attr(shape_node, "end")
+        end = rank if end is None else int(end)
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        end = min(max(end + rank if end < 0 else end, 0), rank)
+        if int(get_attr(node, "axis", 0)) not in (0, -1):
+            return None, label
+        try:
+            picked = np.take(np.array(dims[start:end], dtype=object), np.asarray(indices, dtype=np.int64))
+        except IndexError as exc:
+            return None, f"{label} (not evaluable: {exc})"
+        picked = np.asarray(picked, dtype=object)
+        if not all(isinstance(d, (int, np.integer)) for d in picked.flat):
+            return None, f"{label} (a symbolic dimension of '{shape_node.input[0]}')"
+        return picked.astype(np.int64), None
 
     # ---- folding helpers ----------------------------------------------------------------
     def fresh_name(self, hint: str) -> str:
@@ -1078,6 +1108,11 @@ def _eval_concat(index, node, args):
     return np.concatenate([np.asarray(a) for a in args], axis=int(get_attr(node, "axis")))
 
 
+def _eval_gather(index, node, args):
+    # ONNX Gather: axis defaults to 0; negative indices count from the end of that axis.
+    return np.take(np.asarray(args[0]), np.asarray(args[1], dtype=np.int64), axis=int(get_attr(node, "axis", 0)))
+
+
 _CONSTANT_OPS: dict[str, Callable] = {
     "Constant": _eval_constant,
     "Identity": _eval_identity,
@@ -1091,6 +1126,7 @@ _CONSTANT_OPS: dict[str, Callable] = {
     "Shape": _eval_shape,
     "Transpose": _eval_transpose,
     "Concat": _eval_concat,
+    "Gather": _eval_gather,
 }
 
 

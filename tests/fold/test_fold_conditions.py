@@ -323,6 +323,42 @@ def test_constant_subgraphs_are_evaluated(fk):
     assert len(out.graph.initializer) == 2
 
 
+@pytest.mark.parametrize(("axis_index", "folds"), [(1, True), (-3, True), (0, False)])
+def test_static_dimension_of_a_runtime_shape_is_constant(fk, axis_index, folds):
+    """Keras 3's depthwise convolution bias: reshaped to (1, C, 1, 1) where C = Gather(Shape(x), 1)
+    is read from x's declared shape, then a decomposed BN (Mul, Add). Constant when that dimension
+    is static (C), not when it is symbolic (the batch N)."""
+    rng = np.random.default_rng(31)
+    c = 3
+    gamma, beta, mean, var = fk.bn_arrays(rng, c)
+    scale = gamma / np.sqrt(var + 1e-3)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "idx"], ["dim"], axis=0),
+        helper.make_node("Unsqueeze", ["dim", "ax0"], ["dim1"]),
+        helper.make_node("Concat", ["one", "dim1", "one", "one"], ["target"], axis=0),
+        helper.make_node("Reshape", ["b", "target"], ["b4"]),
+        helper.make_node("Conv", ["x", "w"], ["conv_out"], name="conv", group=c),
+        helper.make_node("Add", ["conv_out", "b4"], ["z"], name="bias_add"),
+        helper.make_node("Mul", ["z", "bn_scale"], ["scaled"], name="bn_mul"),
+        helper.make_node("Add", ["scaled", "bn_shift"], ["y"], name="bn_add"),
+    ]
+    inits = [fk.init("w", rng.standard_normal((c, 1, 3, 3)), fk.F32), fk.init("b", rng.standard_normal(c), fk.F32),
+             fk.init("idx", np.array(axis_index, dtype=np.int64)), fk.init("ax0", np.array([0], dtype=np.int64)),
+             fk.init("one", np.array([1], dtype=np.int64)),
+             fk.init("bn_scale", scale.reshape(1, c, 1, 1), fk.F32),
+             fk.init("bn_shift", (beta - mean * scale).reshape(1, c, 1, 1), fk.F32)]
+    m = fk.model(nodes, [fk.vi("x", fk.F32, ["N", c, 5, 5])], [fk.vi("y", fk.F32, ["N", c, 3, 3])], inits)
+    out, report = fold(m)
+    if folds:
+        assert report.folded == 1, report.lines()
+        assert [n.op_type for n in out.graph.node] == ["Conv"]
+        feeds = fk.random_feeds(m, rng)
+        fk.assert_close(fk.run(m, feeds), fk.run(out, feeds), fk.F32)
+    else:
+        assert report.folded == 0 and out.SerializeToString() == m.SerializeToString()
+
+
 def test_transposed_linear_weight_and_concat(fk):
     """torch.onnx.export without constant folding writes Linear(bias=False) as
     MatMul(x, Transpose(W)); a BN statistic assembled by Concat is constant too."""

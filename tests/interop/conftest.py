@@ -298,8 +298,21 @@ def _keras_cases() -> dict[str, KerasCase]:
         out = layers.Dense(2, kernel_initializer=init(9))(x)
         return keras.Model(inp, out)
 
+    def depthwise_model():
+        # DepthwiseConv2D's bias is added through Reshape(b, Concat(1, 1, 1, Gather(Shape(x), 3))):
+        # a constant only once the static channel dimension of x is read from its shape.
+        inp = keras.Input((7, 7, 3))
+        x = layers.DepthwiseConv2D(3, padding="same", depthwise_initializer=init(10))(inp)
+        x = layers.ReLU()(bn()(x))
+        x = layers.SeparableConv2D(5, 3, depthwise_initializer=init(11), pointwise_initializer=init(12))(x)
+        x = layers.ReLU()(bn()(x))
+        x = layers.GlobalAveragePooling2D()(x)
+        out = layers.Dense(2, kernel_initializer=init(13))(x)
+        return keras.Model(inp, out)
+
     return {
         "keras-dense": KerasCase(dense_model, (8,), n_bn=2),
+        "keras-depthwise": KerasCase(depthwise_model, (7, 7, 3), n_bn=2, n_conv=3),  # separable = 2 convs
         "keras-conv": KerasCase(conv_model, (7, 7, 3), n_bn=2, n_conv=2),
         "keras-sequence": KerasCase(sequence_model, (5, 8), n_bn=2, n_conv=1),
     }

@@ -19,7 +19,7 @@ pytest.importorskip("keras")
 
 from bnfold.fold import fold  # noqa: E402
 
-CASES = ["keras-dense", "keras-conv", "keras-sequence"]
+CASES = ["keras-dense", "keras-conv", "keras-sequence", "keras-depthwise"]
 
 
 def tolerance(reference: np.ndarray) -> float:
