@@ -46,7 +46,17 @@ import onnx
 
 from bnfold.fold import into_producer
 from bnfold.fold.algebra import fold_affine
-from bnfold.fold.graph import GraphIndex, Rewrite, Skip, get_attr, node_label, np_dtype, pattern, replace_node
+from bnfold.fold.graph import (
+    ChainSkip,
+    GraphIndex,
+    Rewrite,
+    Skip,
+    get_attr,
+    node_label,
+    np_dtype,
+    pattern,
+    replace_node,
+)
 
 __all__ = ["PATTERNS", "fold_decomposed_chain", "decompose_rest", "AffineChain", "collapse_chain"]
 
@@ -244,18 +254,17 @@ def fold_decomposed_chain(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | 
     if chain is None or not chain.scales:
         return None  # rule 3
     if node_label(chain.first_scaling) in index.options.exclude:
-        return Skip("excluded")
+        return ChainSkip("excluded", chain.first_scaling)
     target = node.output[0] if chain.transposes else chain.final
     if node.op_type == "MatMul":
         result = _fold_matmul(node, chain, target, index)
     else:
-        spec = into_producer.PRODUCERS[node.op_type]
         stand_in = onnx.helper.make_node("Identity", [], [target])
-        fold = into_producer._fold_gemm if node.op_type == "Gemm" else into_producer._fold_conv
-        result = fold(stand_in, node, _ChainParams(chain, node.input[1]), spec, index)
+        result = into_producer.fold_affine_into_linear(stand_in, node, _ChainParams(chain, node.input[1]), index)
     if isinstance(result, Skip):
         log.debug("decomposed BN after %s not folded: %s", node_label(node), result.reason)
-        return Skip(f"decomposed BN '{node_label(chain.first_scaling)}': {result.reason}")
+        return ChainSkip(f"decomposed BN after {node.op_type} '{node_label(node)}' not folded: {result.reason}",
+                         chain.first_scaling)
     return _finish(node, chain, result)
 
 

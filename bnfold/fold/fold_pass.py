@@ -36,6 +36,7 @@ from google.protobuf.message import Message
 from bnfold.errors import BnfoldError
 from bnfold.fold.graph import (
     AttributeRef,
+    ChainSkip,
     FoldOptions,
     GraphIndex,
     Invalid,
@@ -171,20 +172,27 @@ class FoldBatchNormPass:
                 if reason is not None:
                     _record(index, node, None, reason)
                     continue
-            rewrite, reasons = _try_patterns(node, index, candidates)
+            rewrite, skips = _try_patterns(node, index, candidates)
+            reasons = [skip.reason for skip in skips]
             if rewrite is not None:
                 index.apply(rewrite)
                 _record(index, rewrite.bn or node, rewrite, None)
             elif is_bn:
                 _record(index, node, None, "; ".join(dict.fromkeys(reasons)) or "no foldable neighbour")
+            else:
+                # A recognised decomposed BN that could not be folded is reported like a kept BN.
+                for skip in skips:
+                    if isinstance(skip, ChainSkip) and skip.node is not None:
+                        _record(index, skip.node, None, skip.reason)
+                        break
         changed |= index.changed
         index.commit()
         return changed
 
 
-def _try_patterns(node, index: GraphIndex, candidates) -> tuple[Rewrite | None, list[str]]:
+def _try_patterns(node, index: GraphIndex, candidates) -> tuple[Rewrite | None, list[Skip]]:
     """Rule 5."""
-    reasons: list[str] = []
+    reasons: list[Skip] = []
     for pat in candidates:
         try:
             result = pat(node, index)
@@ -196,7 +204,7 @@ def _try_patterns(node, index: GraphIndex, candidates) -> tuple[Rewrite | None, 
             raise BnfoldError(f"BatchNormalization '{node_label(node)}' in {index.path}: {result.reason}")
         if isinstance(result, Skip):
             log.debug("%s on %s: %s", pat.name, node_label(node), result.reason)
-            reasons.append(result.reason)
+            reasons.append(result)
             continue
         return result, reasons
     return None, reasons

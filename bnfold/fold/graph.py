@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Skip",
+    "ChainSkip",
     "Invalid",
     "Rewrite",
     "Pattern",
@@ -117,6 +118,16 @@ class Skip:
     """A pattern applies to a node but cannot fold it exactly; ``reason`` reaches the report."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class ChainSkip(Skip):
+    """A decomposed BN (per-channel Mul/Add chain) was recognised but cannot be folded.
+
+    ``node`` is the chain's first scaling node, which names the chain in the report.
+    """
+
+    node: onnx.NodeProto | None = None
 
 
 @dataclass(frozen=True)

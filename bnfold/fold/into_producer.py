@@ -44,7 +44,7 @@ from bnfold.fold.graph import (
     replace_node,
 )
 
-__all__ = ["PATTERNS", "PRODUCERS", "ProducerSpec", "fold_into_producer"]
+__all__ = ["PATTERNS", "PRODUCERS", "ProducerSpec", "fold_into_producer", "fold_affine_into_linear"]
 
 _FLOATS = (
     onnx.TensorProto.FLOAT,
@@ -134,6 +134,19 @@ def fold_into_producer(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Ski
         return params
     if producer.op_type == "MatMul":
         return _fold_matmul(node, producer, bias_add, params, spec, index)
+    return fold_affine_into_linear(node, producer, params, index)
+
+
+def fold_affine_into_linear(node: onnx.NodeProto, producer: onnx.NodeProto, params: BatchNormParams,
+                            index: GraphIndex) -> Rewrite | Skip:
+    """Fold the per-channel affine map ``params`` on the output of Conv / ConvTranspose / Gemm
+    ``producer`` into its weight and bias (rules 1-3); the rewritten producer writes ``node``'s
+    output.
+
+    ``params`` is a `BatchNormParams` or any object with its ``channels``, ``affine()`` and
+    ``names`` (the decomposed-BN pattern passes its collapsed Mul/Add chain this way).
+    """
+    spec = PRODUCERS[producer.op_type]
     if producer.op_type == "Gemm":
         return _fold_gemm(node, producer, params, spec, index)
     return _fold_conv(node, producer, params, spec, index)

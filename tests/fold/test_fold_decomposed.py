@@ -373,3 +373,18 @@ def test_exclude_leaves_a_chain_unfolded(fk):
     m = _keras_conv_model(fk, rng)
     out, report = fold(m, exclude=["bn/Sub"])
     assert report.folded == 0 and out == m
+
+
+def test_recognised_chain_that_cannot_fold_is_reported(fk):
+    """Conv with a run-time bias -> Mul -> Add: a decomposed BN that cannot fold is reported as
+    kept, with the reason, like a kept BatchNormalization (and the model is left as it was)."""
+    rng = np.random.default_rng(26)
+    m = _conv_chain(fk, rng)
+    m.graph.node[0].input.append("runtime_bias")
+    m.graph.input.append(fk.vi("runtime_bias", fk.F32, [2]))
+    out, report = fold(m)
+    assert out == m
+    assert report.folded == 0 and report.total == 1
+    (entry,) = report.entries
+    assert entry.status == "kept" and entry.bn == "mul"
+    assert "decomposed BN after Conv 'conv' not folded" in entry.reason and "runtime_bias" in entry.reason
