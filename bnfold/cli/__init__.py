@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from bnfold import __version__
 from bnfold.errors import BnfoldError, VerificationError
 
 __all__ = ["main", "cli", "printable"]
@@ -47,7 +48,7 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="bnfold", prog_name="bnfold")
+@click.version_option(version=__version__, prog_name="bnfold")
 def cli() -> None:
     """Batch normalization done right, and exact BN folding for ONNX models."""
 
