@@ -263,8 +263,13 @@ def _compare_float(a: np.ndarray, b: np.ndarray, rtol: float, atol: float,
     nonzero = comparable & (a != 0) & finite_a
     with np.errstate(divide="ignore", invalid="ignore"):
         max_rel = float(np.max(diff[nonzero] / abs_a[nonzero])) if nonzero.any() else 0.0
+    # An infinite reference matched by anything else: the bound atol + rtol * inf would admit any
+    # value, so such elements count as exceeding, with an infinite relative error.
+    inf_mismatch = int(np.count_nonzero(comparable & ~finite_a & (a != b)))
+    if inf_mismatch:
+        max_rel = math.inf
     with np.errstate(invalid="ignore"):
-        n_exceed = int(np.count_nonzero(diff > atol + rtol * abs_a)) + nan_mismatch
+        n_exceed = int(np.count_nonzero(finite_a & (diff > atol + rtol * abs_a))) + nan_mismatch + inf_mismatch
     tol = atol + rtol * scale
     ok = nan_mismatch == 0 and max_abs <= tol
     return result(ok=ok, n_exceed=n_exceed, max_abs=max_abs, max_rel=max_rel, scale=scale, tol=tol,

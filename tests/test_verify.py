@@ -94,7 +94,13 @@ def test_nan_and_inf_rules() -> None:
     assert not compare_arrays("y", a, missing).ok
     finite = a.copy()
     finite[2] = 1e30
-    assert not compare_arrays("y", a, finite).ok
+    result = compare_arrays("y", a, finite)
+    # The report must not contradict the verdict: the infinite reference element is the one that
+    # exceeds (an elementwise bound rtol * inf would admit anything), with an infinite rel. error.
+    assert not result.ok and result.n_exceed == 1 and result.max_rel == np.inf
+    sign = a.copy()
+    sign[3] = np.inf
+    assert compare_arrays("y", a, sign).n_exceed == 1
 
 
 def test_integer_and_bool_outputs_must_match_exactly() -> None:
