@@ -20,7 +20,7 @@ Rules (cited in the code as "rule N"):
    ``c`` without zeros) by a constant ``c`` that is one value per channel: every axis of ``c`` has
    length 1 except, right-aligned with the value, the channel axis (length 1 or C); ``c`` has no
    more axes than the value (so broadcasting never changes the value's shape).
-3. The chain ends at its last Add / Mul / Sub / Div; it is a BN-like chain, folded and reported,
+3. The chain ends at its last Add / Mul / Sub / Div or BN; it is a BN-like chain, folded and reported,
    only if it scales (has a Mul or Div): a bare bias Add is not a BN, and is left to rule 4 of
    `bnfold.fold.into_producer` or to the model as it is.
 4. The collapsed ``(scale, shift)`` (float64) is folded into the producer by the code of
@@ -34,6 +34,10 @@ Rules (cited in the code as "rule N"):
    input rank >= 2) becomes ``Mul(x, s) -> Add(., t)`` with ``s``, ``t`` of shape
    (C, 1, ..., 1), computed in float64 and cast once to the input's dtype (status
    "decomposed").
+6. A BatchNormalization node (inference mode, opset >= 9, one output) is one more step of a
+   chain that has passed a Transpose, when the Transpose put the producer's channel axis on the
+   BN's channel axis 1: ``MatMul (N, L, C) -> Transpose(0, 2, 1) -> BatchNormalization`` is how
+   PyTorch exports ``Linear`` followed by ``BatchNorm1d`` over a permuted sequence.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from bnfold.fold.graph import (
     np_dtype,
     pattern,
     replace_node,
+    validate_batchnorm,
 )
 
 __all__ = ["PATTERNS", "fold_decomposed_chain", "decompose_rest", "AffineChain", "collapse_chain"]
@@ -65,6 +70,7 @@ log = logging.getLogger(__name__)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
+_BN = "BatchNormalization"
 _PASS_THROUGH = frozenset({"Cast", "Identity", "Transpose"})
 
 
@@ -89,11 +95,11 @@ class AffineChain:
 
     @property
     def first_scaling(self) -> onnx.NodeProto:
-        return next(n for n in self.nodes if n.op_type in ("Sub", "Mul", "Div"))
+        return next(n for n in self.nodes if n.op_type in ("Sub", "Mul", "Div", _BN))
 
     @property
     def scales(self) -> bool:
-        return any(n.op_type in ("Mul", "Div") for n in self.nodes)
+        return any(n.op_type in ("Mul", "Div", _BN) for n in self.nodes)
 
     # The attributes the fold code of `bnfold.fold.into_producer` reads from BN parameters.
     @property
@@ -163,6 +169,14 @@ def collapse_chain(
                 if moved is None:
                     break
                 rank, axis = moved
+        elif op == _BN:
+            # Rule 6: a BatchNormalization after a Transpose (e.g. Linear -> permute -> BatchNorm1d).
+            step = _batchnorm_step(node, current, index, walked, rank=rank, axis=axis, channels=channels)
+            if step is None:
+                break
+            c_scale, c_shift, names = step
+            scale, shift = scale * c_scale, shift * c_scale + c_shift
+            constants.update(names)
         elif op in _ARITHMETIC:
             operand = _constant_operand(node, current, index)
             if operand is None:
@@ -187,13 +201,37 @@ def collapse_chain(
         else:
             break
         walked.append(node)
-        if op in _ARITHMETIC:
+        if op in _ARITHMETIC or op == _BN:
             kept = AffineChain(
                 nodes=list(walked), transposes=[n for n in walked if n.op_type == "Transpose"],
                 scale=scale, shift=shift, constants=dict(constants),
             )
         current = node.output[0]
     return kept
+
+
+def _batchnorm_step(node: onnx.NodeProto, current: str, index: GraphIndex, walked: list[onnx.NodeProto], *,
+                    rank: int | None, axis: int, channels: int) -> tuple[np.ndarray, np.ndarray, dict[str, str]] | None:
+    """``(scale, shift, constants)`` of BN ``node`` as a chain step (rule 6), or None.
+
+    Only after a Transpose (a BN right after the producer is `bnfold.fold.into_producer`'s), only
+    BatchNormalization-9 and later in inference mode with a single output (no ``spatial`` or
+    ``is_test`` to interpret, no training), and only if the transposed channel axis is the BN's
+    channel axis 1.
+    """
+    if not any(n.op_type == "Transpose" for n in walked) or rank is None or rank + axis != 1:
+        return None
+    if index.opset("") < 9 or node.input[0] != current or len([o for o in node.output if o]) != 1:
+        return None
+    if int(get_attr(node, "training_mode", 0)) or node_label(node) in index.options.exclude:
+        return None
+    validate_batchnorm(node, index)
+    params = index.read_batchnorm(node)
+    if isinstance(params, Skip) or params.channels != channels:
+        return None
+    c_scale, c_shift = params.affine()
+    roles = {"scale": "weight", "var": "weight", "bias": "bias", "mean": "bias"}
+    return c_scale, c_shift, {name: roles[role] for role, name in params.names.items()}
 
 
 def _transpose_axis(node: onnx.NodeProto, rank: int | None, axis: int) -> tuple[int, int] | None:

@@ -182,7 +182,8 @@ class FoldBatchNormPass:
             else:
                 # A recognised decomposed BN that could not be folded is reported like a kept BN.
                 for skip in skips:
-                    if isinstance(skip, ChainSkip) and skip.node is not None:
+                    # A chain through a BN node leaves that BN to be reported when it is visited.
+                    if isinstance(skip, ChainSkip) and skip.node is not None and skip.node.op_type != _BN:
                         _record(index, skip.node, None, skip.reason)
                         break
         changed |= index.changed

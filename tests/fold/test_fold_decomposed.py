@@ -388,3 +388,49 @@ def test_recognised_chain_that_cannot_fold_is_reported(fk):
     (entry,) = report.entries
     assert entry.status == "kept" and entry.bn == "mul"
     assert "decomposed BN after Conv 'conv' not folded" in entry.reason and "runtime_bias" in entry.reason
+
+
+# ---- rule 6: a BatchNormalization node after a Transpose --------------------------------------
+def _linear_permute_bn(fk, rng, *, perm=(0, 2, 1), bias=True, **bn_attrs):
+    """PyTorch's Linear on (N, L, C) -> transpose(1, 2) -> BatchNorm1d, as the exporter writes it."""
+    c = 6
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="fc")]
+    inits = [fk.init("w", rng.standard_normal((4, c)) * 0.5, fk.F32)]
+    head = "mm"
+    if bias:
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["fc_out"], name="fc_bias"))
+        inits.append(fk.init("b", rng.standard_normal(c), fk.F32))
+        head = "fc_out"
+    nodes.append(helper.make_node("Transpose", [head], ["t"], perm=list(perm), name="permute"))
+    channels = {(0, 2, 1): c, (0, 1, 2): 5}[tuple(perm)]
+    bn, bn_inits = fk.bn_node("t", "y", "bn", rng, channels, **bn_attrs)
+    return fk.model([*nodes, bn], [fk.vi("x", fk.F32, ["N", 5, 4])], [fk.vi("y", fk.F32, 3)], inits + bn_inits)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bn_after_permuted_linear_folds(fk, bias):
+    rng = np.random.default_rng(40)
+    m = _linear_permute_bn(fk, rng, bias=bias)
+    out, report = fk.fold_and_check(m, folded=1, rng=rng)
+    (entry,) = report.entries
+    assert entry.bn == "bn" and entry.into == "fc"
+    assert ops(out) == ["MatMul", "Add", "Transpose"] and out.graph.node[-1].output[0] == "y"
+    assert {"bn.scale", "bn.bias", "bn.mean", "bn.var", "w"} <= set(entry.tensor_map)
+
+
+def test_bn_whose_axis_is_not_the_linear_output_axis_is_kept(fk):
+    """Transpose(0, 1, 2) leaves L on axis 1: the BN normalizes over L, not the MatMul's columns."""
+    rng = np.random.default_rng(41)
+    m = _linear_permute_bn(fk, rng, perm=(0, 1, 2))
+    out, report = fold(m)
+    assert report.folded == 0 and report.total == 1 and report.entries[0].status == "kept"
+    assert out == m
+
+
+def test_training_mode_bn_after_permute_is_kept(fk):
+    rng = np.random.default_rng(42)
+    m = _linear_permute_bn(fk, rng, training_mode=1)
+    m.opset_import[0].version = 15
+    out, report = fold(m)
+    assert report.folded == 0 and report.total == 1 and "training_mode=1" in report.entries[0].reason
+    assert out == m

@@ -79,7 +79,18 @@ def _torch_cases() -> dict[str, TorchCase]:
             h = self.bn1(self.conv1(x)).relu()
             return (self.bn2(self.conv2(h)) + x).relu()
 
+    class LinearPermuteBN(nn.Module):
+        # Linear on (N, L, C), then BatchNorm1d over the channels: (N, C, L) after a permute.
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 6)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.bn(self.fc(x).transpose(1, 2)).relu().mean(-1)
+
     return {
+        "linear-permute-bn": TorchCase(LinearPermuteBN, (3, 5, 8), n_bn=1),
         "mlp": TorchCase(
             lambda: nn.Sequential(
                 nn.Linear(8, 6, bias=True), nn.BatchNorm1d(6), nn.ReLU(),

@@ -18,15 +18,16 @@ pytest.importorskip("torch")
 from bnfold.fold import fold  # noqa: E402
 
 #: (model, exporter) pairs. "dynamo-opt" only where its optimizer leaves BN behind (BN in front
-#: of a linear layer) or as a representative already-folded graph: each dynamo export costs ~1 s.
+#: of a linear layer, BN after a permute) or as a representative already-folded graph: each
+#: dynamo export costs ~1 s.
 CASES = [
     (name, exporter)
     for name in (
         "mlp", "cnn", "depthwise-grouped", "convtranspose-groups", "conv1d", "conv3d",
-        "residual", "bn-before-linear", "bn-before-conv",
+        "residual", "bn-before-linear", "bn-before-conv", "linear-permute-bn",
     )
     for exporter in ("classic", "classic-nofold", "dynamo")
-] + [(name, "dynamo-opt") for name in ("mlp", "cnn", "bn-before-linear", "bn-before-conv")]
+] + [(name, "dynamo-opt") for name in ("mlp", "cnn", "bn-before-linear", "bn-before-conv", "linear-permute-bn")]
 
 #: Exporters that write one BatchNormalization node per BN module.
 WRITES_EVERY_BN = {"classic-nofold", "dynamo"}
