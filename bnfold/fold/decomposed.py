@@ -348,22 +348,17 @@ def _fold_matmul(matmul: onnx.NodeProto, chain: AffineChain, target: str, index:
     weight_name = matmul.input[1]
     elem_type = index.elem_type(weight_name)
     weight64, bias64 = fold_affine(index.constant(weight_name), None, chain.scale, chain.shift, axis=1)
-    cast_w = index.cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
-    if isinstance(cast_w, Skip):
-        return cast_w
-    cast_b = index.cast_folded(bias64, elem_type, "folded bias")
-    if isinstance(cast_b, Skip):
-        return cast_b
     hint = matmul.name or matmul.output[0]
-    new_w = index.fresh_name(f"{weight_name}_folded")
-    new_b = index.fresh_name(f"{hint}_bias_folded")
+    folded = index.folded_tensors(weight64, bias64, elem_type, weight_name=weight_name, bias_name=None, hint=hint)
+    if isinstance(folded, Skip):
+        return folded
+    new_w, new_b = folded.weight, folded.bias
     product = matmul.output[0] if matmul.output[0] != target else index.fresh_name(f"{hint}_product")
     new_matmul = replace_node(matmul, inputs=[matmul.input[0], new_w], outputs=[product])
     add = onnx.helper.make_node("Add", [product, new_b], [target], name=chain.nodes[-1].name)
     return Rewrite(
         into=node_label(matmul), replace=[(matmul, [new_matmul, add])],
-        constants={new_w: cast_w[0], new_b: cast_b[0]}, tensor_map={weight_name: new_w},
-        subnormals=cast_w[1] + cast_b[1],
+        constants=folded.constants, tensor_map={weight_name: new_w}, subnormals=folded.subnormals,
     )
 
 

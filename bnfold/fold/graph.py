@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from bnfold.fold.report import FoldReport
 
 __all__ = [
+    "FoldedTensors",
     "Skip",
     "ChainSkip",
     "Invalid",
@@ -118,6 +119,16 @@ class Skip:
     """A pattern applies to a node but cannot fold it exactly; ``reason`` reaches the report."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class FoldedTensors:
+    """A fold's new weight and bias: their names, values by name, and subnormals flushed."""
+
+    weight: str
+    bias: str
+    constants: dict[str, np.ndarray]
+    subnormals: int
 
 
 @dataclass(frozen=True)
@@ -853,6 +864,22 @@ class GraphIndex:
             node=node, gamma=arrays["scale"], beta=arrays["bias"], mean=arrays["mean"],
             var=arrays["var"], eps=eps, names=names,
         )
+
+    def folded_tensors(self, weight64: np.ndarray, bias64: np.ndarray, elem_type: int, *, weight_name: str,
+                       bias_name: str | None, hint: str) -> FoldedTensors | Skip:
+        """Cast a fold's float64 weight and bias to ``elem_type`` (`cast_folded`) and reserve
+        fresh names for them: ``<weight>_folded`` and ``<bias>_folded`` (``<hint>_bias_folded``
+        when the linear node had no bias)."""
+        cast_w = self.cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
+        if isinstance(cast_w, Skip):
+            return cast_w
+        cast_b = self.cast_folded(bias64, elem_type, "folded bias")
+        if isinstance(cast_b, Skip):
+            return cast_b
+        weight = self.fresh_name(f"{weight_name}_folded")
+        bias = self.fresh_name(f"{bias_name}_folded" if bias_name else f"{hint}_bias_folded")
+        return FoldedTensors(weight=weight, bias=bias, constants={weight: cast_w[0], bias: cast_b[0]},
+                             subnormals=cast_w[1] + cast_b[1])
 
     def cast_folded(self, values: np.ndarray, elem_type: int, what: str) -> tuple[np.ndarray, int] | Skip:
         """Cast float64 folded ``values`` to ``elem_type``; flush subnormals to zero.

@@ -160,15 +160,11 @@ def _finish(
 ) -> Rewrite | Skip:
     """Cast the float64 results, reserve names, and build the Rewrite (rule 6)."""
     (weight_name, weight64), (bias_name, bias64) = weight, bias
-    cast_w = index.cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
-    if isinstance(cast_w, Skip):
-        return cast_w
-    cast_b = index.cast_folded(bias64, elem_type, "folded bias")
-    if isinstance(cast_b, Skip):
-        return cast_b
-    hint = consumer.name or consumer.output[0]
-    new_w = index.fresh_name(f"{weight_name}_folded")
-    new_b = index.fresh_name(f"{bias_name}_folded" if bias_name else f"{hint}_bias_folded")
+    folded = index.folded_tensors(weight64, bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
+                                  hint=consumer.name or consumer.output[0])
+    if isinstance(folded, Skip):
+        return folded
+    new_w, new_b = folded.weight, folded.bias
     tensor_map = {weight_name: new_w}
     if bias_name:
         tensor_map[bias_name] = new_b
@@ -179,8 +175,7 @@ def _finish(
     new_node = make_node(new_w, new_b)
     return Rewrite(
         into=node_label(consumer), remove=[node], replace=[(consumer, [new_node])],
-        constants={new_w: cast_w[0], new_b: cast_b[0]}, tensor_map=tensor_map,
-        subnormals=cast_w[1] + cast_b[1],
+        constants=folded.constants, tensor_map=tensor_map, subnormals=folded.subnormals,
     )
 
 

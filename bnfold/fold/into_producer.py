@@ -170,6 +170,20 @@ def _float_weight(index: GraphIndex, name: str) -> int | Skip:
     return elem_type
 
 
+def _weight_and_bias(producer: onnx.NodeProto, index: GraphIndex):
+    """``(weight_name, bias_name, weight, bias, elem_type)`` of a Conv / ConvTranspose / Gemm
+    (inputs 1 and 2; the bias is optional), or `Skip` if they are not constant floats."""
+    weight_name = producer.input[1] if len(producer.input) > 1 else ""
+    bias_name = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
+    values = index.fetch(weight=weight_name, bias=bias_name)
+    if isinstance(values, Skip):
+        return values
+    elem_type = _float_weight(index, weight_name)
+    if isinstance(elem_type, Skip):
+        return elem_type
+    return weight_name, bias_name, values["weight"], values["bias"], elem_type
+
+
 def _finish(
     index: GraphIndex,
     params: BatchNormParams,
@@ -182,14 +196,11 @@ def _finish(
     hint: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, str], tuple[str, str], int] | Skip:
     """Cast the float64 fold results, reserve names, and build ``constants`` / ``tensor_map``."""
-    cast_w = index.cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
-    if isinstance(cast_w, Skip):
-        return cast_w
-    cast_b = index.cast_folded(bias64, elem_type, "folded bias")
-    if isinstance(cast_b, Skip):
-        return cast_b
-    new_w = index.fresh_name(f"{weight_name}_folded")
-    new_b = index.fresh_name(f"{bias_name}_folded" if bias_name else f"{hint}_bias_folded")
+    folded = index.folded_tensors(weight64, bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
+                                  hint=hint)
+    if isinstance(folded, Skip):
+        return folded
+    new_w, new_b = folded.weight, folded.bias
     tensor_map = {weight_name: new_w}
     if bias_name:
         tensor_map[bias_name] = new_b
@@ -198,21 +209,15 @@ def _finish(
     tensor_map.setdefault(names["scale"], new_w)
     for role in ("bias", "mean", "var"):
         tensor_map.setdefault(names[role], new_b)
-    constants = {new_w: cast_w[0], new_b: cast_b[0]}
-    return constants, tensor_map, (new_w, new_b), cast_w[1] + cast_b[1]
+    return folded.constants, tensor_map, (new_w, new_b), folded.subnormals
 
 
 def _fold_conv(node, producer, params: BatchNormParams, spec: ProducerSpec, index: GraphIndex):
     """Rules 1 and 2."""
-    weight_name = producer.input[1] if len(producer.input) > 1 else ""
-    bias_name = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
-    values = index.fetch(weight=weight_name, bias=bias_name)
-    if isinstance(values, Skip):
-        return values
-    weight, bias = values["weight"], values["bias"]
-    elem_type = _float_weight(index, weight_name)
-    if isinstance(elem_type, Skip):
-        return elem_type
+    read = _weight_and_bias(producer, index)
+    if isinstance(read, Skip):
+        return read
+    weight_name, bias_name, weight, bias, elem_type = read
     if weight.ndim < 3:
         return Skip(f"{producer.op_type} weight '{weight_name}' has rank {weight.ndim}")
     group = int(get_attr(producer, "group", 1))
@@ -246,15 +251,10 @@ def _fold_gemm(node, producer, params: BatchNormParams, spec: ProducerSpec, inde
     """Rule 3."""
     if index.opset("") < 7:
         return Skip("Gemm before opset 7 broadcasts C only with the 'broadcast' attribute")
-    weight_name = producer.input[1]
-    bias_name = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
-    values = index.fetch(weight=weight_name, bias=bias_name)
-    if isinstance(values, Skip):
-        return values
-    weight, bias = values["weight"], values["bias"]
-    elem_type = _float_weight(index, weight_name)
-    if isinstance(elem_type, Skip):
-        return elem_type
+    read = _weight_and_bias(producer, index)
+    if isinstance(read, Skip):
+        return read
+    weight_name, bias_name, weight, bias, elem_type = read
     if weight.ndim != 2:
         return Skip(f"Gemm weight '{weight_name}' has rank {weight.ndim}")
     view, axis, restore = _channel_view(weight, spec, producer)
