@@ -291,7 +291,13 @@ def _copy_field(target, name: str, value) -> None:
     if isinstance(value, Message):
         getattr(target, name).CopyFrom(value)
     elif isinstance(value, (str, bytes, int, float)):
-        setattr(target, name, value)
+        try:
+            setattr(target, name, value)
+        except (UnicodeDecodeError, ValueError):
+            # protobuf parses a string field that is not UTF-8 but hands it out as bytes, which
+            # it then refuses to store: such a model is invalid (ONNX strings are UTF-8).
+            owner = "graph" if isinstance(target, onnx.GraphProto) else "model"
+            raise BnfoldError(f"the {owner}'s {name} {value!r} is not valid UTF-8 (ONNX strings are UTF-8)") from None
     else:  # repeated field
         getattr(target, name).extend(value)
 

@@ -90,6 +90,7 @@ def _check_names(model: onnx.ModelProto, source: Path | str) -> None:
     """
     graphs: list = [model.graph, *model.functions]
     names: list = [opset.domain for opset in model.opset_import]
+    names += [model.producer_name, model.producer_version, model.domain, model.doc_string]
     for function in model.functions:
         names += [function.name, function.domain, *function.input, *function.output]
     while graphs:
@@ -105,6 +106,7 @@ def _check_names(model: onnx.ModelProto, source: Path | str) -> None:
                 elif attribute.type == onnx.AttributeProto.GRAPHS:
                     graphs.extend(attribute.graphs)
         if isinstance(graph, onnx.GraphProto):
+            names += [graph.name, graph.doc_string]
             names += [value.name for value in (*graph.input, *graph.output, *graph.value_info)]
             names += [tensor.name for tensor in graph.initializer]
     if not all(type(name) is str for name in names):

@@ -163,6 +163,24 @@ def test_load_refuses_names_that_are_not_utf8(builders, tmp_path):
     assert bio.load_model(path, check=False).graph.node[1].name == b"bn\xff\xfe"
 
 
+@pytest.mark.parametrize("field", ["graph.name", "graph.doc_string", "doc_string", "producer_name"])
+def test_load_and_fold_refuse_other_strings_that_are_not_utf8(builders, tmp_path, field):
+    """Found by the fuzzer: a graph name that is not UTF-8 passed the checks and then made the
+    fold pass fail with UnicodeDecodeError when it copied the model."""
+    from bnfold.fold import fold
+
+    model = builders.gemm_bn()
+    owner = model.graph if field.startswith("graph.") else model
+    setattr(owner, field.split(".")[-1], "XXmarkXX")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString().replace(b"XXmarkXX", b"XX\x8emarkX"))
+    with pytest.raises(BnfoldError, match=r"not valid UTF-8"):
+        bio.load_model(path)
+    if field in ("graph.name", "producer_name"):  # fields the fold pass copies one by one
+        with pytest.raises(BnfoldError, match=r"not valid UTF-8"):
+            fold(bio.load_model(path, check=False))
+
+
 @pytest.mark.parametrize("kind", ["missing-initializer", "cycle"])
 def test_checker_refuses_dangling_inputs_and_cycles(builders, save, kind):
     if kind == "cycle":
