@@ -35,9 +35,13 @@ Rules (cited in the code as "rule N"):
    (C, 1, ..., 1), computed in float64 and cast once to the input's dtype (status
    "decomposed").
 6. A BatchNormalization node (inference mode, opset >= 9, one output) is one more step of a
-   chain that has passed a Transpose, when the Transpose put the producer's channel axis on the
-   BN's channel axis 1: ``MatMul (N, L, C) -> Transpose(0, 2, 1) -> BatchNormalization`` is how
-   PyTorch exports ``Linear`` followed by ``BatchNorm1d`` over a permuted sequence.
+   chain when the producer's channel axis, moved by the chain's Transposes, is the BN's channel
+   axis 1: ``MatMul (N, L, C) -> Transpose(0, 2, 1) -> BatchNormalization`` (how PyTorch exports
+   ``Linear`` followed by ``BatchNorm1d`` over a permuted sequence), ``Conv -> Add(bias) -> BN``,
+   ``Conv -> BN -> Mul(per-channel scale)``. A BN right after the producer with nothing else in
+   the chain is left to `bnfold.fold.into_producer`; a BN after a scaling step (Sub, Mul, Div, or
+   another BN) ends the chain, so that the chain's report entry, named after its first scaling
+   node, is the BN's own.
 """
 
 from __future__ import annotations
@@ -214,12 +218,15 @@ def _batchnorm_step(node: onnx.NodeProto, current: str, index: GraphIndex, walke
                     rank: int | None, axis: int, channels: int) -> tuple[np.ndarray, np.ndarray, dict[str, str]] | None:
     """``(scale, shift, constants)`` of BN ``node`` as a chain step (rule 6), or None.
 
-    Only after a Transpose (a BN right after the producer is `bnfold.fold.into_producer`'s), only
-    BatchNormalization-9 and later in inference mode with a single output (no ``spatial`` or
-    ``is_test`` to interpret, no training), and only if the transposed channel axis is the BN's
-    channel axis 1.
+    Only BatchNormalization-9 and later in inference mode with a single output (no ``spatial`` or
+    ``is_test`` to interpret, no training), and only if the producer's channel axis is (after the
+    chain's Transposes) the BN's channel axis 1.
     """
-    if not any(n.op_type == "Transpose" for n in walked) or rank is None or rank + axis != 1:
+    if rank is None or rank + axis != 1:
+        return None
+    if any(n.op_type in ("Sub", "Mul", "Div", _BN) for n in walked):
+        # The chain's report entry is named after its first scaling node: a BN must be that node,
+        # so that every BN keeps an entry of its own (a later BN folds on its own).
         return None
     if index.opset("") < 9 or node.input[0] != current or len([o for o in node.output if o]) != 1:
         return None
@@ -232,6 +239,15 @@ def _batchnorm_step(node: onnx.NodeProto, current: str, index: GraphIndex, walke
     c_scale, c_shift = params.affine()
     roles = {"scale": "weight", "var": "weight", "bias": "bias", "mean": "bias"}
     return c_scale, c_shift, {name: roles[role] for role, name in params.names.items()}
+
+
+def _lone_batchnorm(chain: AffineChain, producer: onnx.NodeProto) -> bool:
+    """True if the chain is a pattern of `bnfold.fold.into_producer`: one BN reading the
+    producer's output, or for a MatMul, one bias Add and then the BN (its rule 4)."""
+    ops = [n.op_type for n in chain.nodes]
+    if ops == [_BN]:
+        return chain.nodes[0].input[0] == producer.output[0]
+    return producer.op_type == "MatMul" and ops == ["Add", _BN] and producer.output[0] in chain.nodes[0].input
 
 
 def _transpose_axis(node: onnx.NodeProto, rank: int | None, axis: int) -> tuple[int, int] | None:
@@ -282,8 +298,17 @@ def fold_decomposed_chain(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | 
     if node.domain not in _DEFAULT_DOMAINS or not node.output or not node.output[0]:
         return None
     readers = index.users(node.output[0])
-    if len(readers) != 1 or readers[0].op_type not in _ARITHMETIC | _PASS_THROUGH:
-        return None  # cheap exit for the common case (Conv -> BN, Conv -> Relu, ...)
+    if len(readers) != 1:
+        return None
+    first = readers[0]
+    if first.op_type == _BN and first.output and first.output[0]:
+        # Only worth a chain if the BN is followed by more of one (rule 6): Conv -> BN -> Relu is
+        # `into_producer`'s.
+        after = index.users(first.output[0])
+        if len(after) != 1 or after[0].op_type not in _ARITHMETIC | _PASS_THROUGH:
+            return None
+    elif first.op_type not in _ARITHMETIC | _PASS_THROUGH:
+        return None  # cheap exit for the common case (Conv -> Relu, ...)
     layout = _producer_layout(node, index)
     if layout is None:
         return None
@@ -291,6 +316,8 @@ def fold_decomposed_chain(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | 
     chain = collapse_chain(node.output[0], index, channels=channels, rank=rank, axis=axis, elem_type=elem_type)
     if chain is None or not chain.scales:
         return None  # rule 3
+    if _lone_batchnorm(chain, node):
+        return None  # producer -> BN alone is `bnfold.fold.into_producer`'s (rule 6)
     if node_label(chain.first_scaling) in index.options.exclude:
         return ChainSkip("excluded", chain.first_scaling)
     target = node.output[0] if chain.transposes else chain.final

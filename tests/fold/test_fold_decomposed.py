@@ -434,3 +434,36 @@ def test_training_mode_bn_after_permute_is_kept(fk):
     out, report = fold(m)
     assert report.folded == 0 and report.total == 1 and "training_mode=1" in report.entries[0].reason
     assert out == m
+
+
+def test_bn_followed_by_a_per_channel_scale_folds_as_one_chain(fk):
+    """Conv -> BN -> Mul -> Add (a learned per-channel scale after the BN): all into the Conv,
+    reported once, under the BN's name."""
+    rng = np.random.default_rng(43)
+    bn, bn_inits = fk.bn_node("z", "b", "bn", rng, 2)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["z"], name="conv"), bn,
+             helper.make_node("Mul", ["b", "s"], ["m"], name="layer_scale"),
+             helper.make_node("Add", ["m", "t"], ["y"], name="shift")]
+    inits = [fk.init("w", rng.standard_normal((2, 3, 3, 3)), fk.F32),
+             fk.init("s", rng.uniform(0.5, 2.0, (2, 1, 1)), fk.F32),
+             fk.init("t", rng.standard_normal((2, 1, 1)), fk.F32), *bn_inits]
+    m = fk.model(nodes, [fk.vi("x", fk.F32, ["N", 3, 6, 6])], [fk.vi("y", fk.F32, 4)], inits)
+    out, report = fk.fold_and_check(m, folded=1, rng=rng)
+    assert ops(out) == ["Conv"] and out.graph.node[0].output[0] == "y"
+    (entry,) = report.entries
+    assert (entry.bn, entry.into) == ("bn", "conv")
+    assert {"bn.scale", "bn.var", "s", "t"} <= set(entry.tensor_map)
+
+
+def test_conv_with_separate_bias_add_then_bn_folds(fk):
+    """Conv -> Add(per-channel bias) -> BN, as exporters that keep the bias apart write it."""
+    rng = np.random.default_rng(44)
+    bn, bn_inits = fk.bn_node("a", "y", "bn", rng, 2)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["z"], name="conv"),
+             helper.make_node("Add", ["z", "b"], ["a"], name="bias_add"), bn]
+    inits = [fk.init("w", rng.standard_normal((2, 3, 3, 3)), fk.F32),
+             fk.init("b", rng.standard_normal((1, 2, 1, 1)), fk.F32), *bn_inits]
+    m = fk.model(nodes, [fk.vi("x", fk.F32, ["N", 3, 6, 6])], [fk.vi("y", fk.F32, 4)], inits)
+    out, report = fk.fold_and_check(m, folded=1, rng=rng)
+    assert ops(out) == ["Conv"]
+    assert [(e.bn, e.into) for e in report.entries] == [("bn", "conv")]
