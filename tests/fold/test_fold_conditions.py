@@ -253,6 +253,28 @@ def test_loop_body_folds(fk):
     assert report.entries[0].graph == "main/loop.body"
 
 
+def test_scan_body_folds(fk):
+    """Scan-9+: the body sees one (2, c) slice of the (T, 2, c) scan input per step and carries a
+    running sum as its state; the Gemm -> BN inside folds, with the weight from the outer scope."""
+    rng = np.random.default_rng(29)
+    c = 3
+    inits = [fk.init("w", rng.standard_normal((c, c)), fk.F32)]
+    bn, bn_inits = fk.bn_node("z", "z_bn", "bn_body", rng, c)
+    body = helper.make_graph(
+        [helper.make_node("Gemm", ["x_t", "w"], ["z"], name="fc_body"), bn,
+         helper.make_node("Add", ["acc_in", "z_bn"], ["acc_out"], name="accumulate"),
+         helper.make_node("Identity", ["z_bn"], ["y_t"], name="emit")],
+        "body", [fk.vi("acc_in", fk.F32, [2, c]), fk.vi("x_t", fk.F32, [2, c])],
+        [fk.vi("acc_out", fk.F32, [2, c]), fk.vi("y_t", fk.F32, [2, c])],
+    )
+    scan = helper.make_node("Scan", ["acc0", "xs"], ["acc", "ys"], name="scan", body=body, num_scan_inputs=1)
+    m = fk.model([scan], [fk.vi("acc0", fk.F32, [2, c]), fk.vi("xs", fk.F32, [4, 2, c])],
+                 [fk.vi("acc", fk.F32, [2, c]), fk.vi("ys", fk.F32, [4, 2, c])], inits + bn_inits)
+    out, report = fk.fold_and_check(m, folded=1, rng=rng)
+    assert report.entries[0].graph == "main/scan.body"
+    assert report.entries[0].into == "fc_body"
+
+
 def test_model_local_function_folds(fk):
     rng = np.random.default_rng(18)
     c = 4
