@@ -39,6 +39,7 @@ from bnfold.fold.algebra import fold_affine_into_consumer
 from bnfold.fold.graph import (
     BatchNormParams,
     GraphIndex,
+    Invalid,
     Rewrite,
     Skip,
     get_attr,
@@ -192,11 +193,15 @@ def _fold_conv(node, consumer, params: BatchNormParams, index: GraphIndex) -> Re
         return Skip(reason)
     group = int(get_attr(consumer, "group", 1))  # ONNX Conv default: 1
     c_out, c_in_group = weight.shape[:2]
-    if c_in_group * group != params.channels or c_out % group:
-        return Skip(
-            f"Conv '{node_label(consumer)}' reads {c_in_group * group} input channels (group {group}),"
-            f" BN has {params.channels}"
+    if c_in_group * group != params.channels:
+        # The BN output has as many channels as its parameters have values (ONNX BatchNormalization:
+        # (C,)), and Conv needs C = C_in/group * group: one of the two nodes is invalid.
+        return Invalid(
+            f"Conv '{node_label(consumer)}' reads {c_in_group * group} input channels (group {group})"
+            f" but the BN parameters have {params.channels} values"
         )
+    if c_out % group:
+        return Skip(f"Conv '{node_label(consumer)}' has {c_out} output channels, not a multiple of group {group}")
     found_bias = _bias(index, consumer)
     if isinstance(found_bias, Skip):
         return found_bias
@@ -236,8 +241,10 @@ def _fold_gemm(node, consumer, params: BatchNormParams, index: GraphIndex) -> Re
     trans_b = int(get_attr(consumer, "transB", 0))
     in_axis, out_axis = (1, 0) if trans_b else (0, 1)
     if weight.shape[in_axis] != params.channels:
-        return Skip(
-            f"Gemm '{node_label(consumer)}' contracts {weight.shape[in_axis]} columns, BN has {params.channels}"
+        # Gemm's A is 2-D and (transA = 0) its axis 1, the BN channel axis, is contracted with B.
+        return Invalid(
+            f"Gemm '{node_label(consumer)}' contracts {weight.shape[in_axis]} columns but the BN parameters have"
+            f" {params.channels} values"
         )
     found_bias = _bias(index, consumer)
     if isinstance(found_bias, Skip):
@@ -281,7 +288,11 @@ def _fold_matmul(node, consumer, params: BatchNormParams, index: GraphIndex) -> 
     if weight.ndim != 2:
         return Skip(f"MatMul weight '{weight_name}' has rank {weight.ndim}, not 2")
     if weight.shape[0] != params.channels:
-        return Skip(f"MatMul '{node_label(consumer)}' contracts {weight.shape[0]} rows, BN has {params.channels}")
+        # Rank 2: the BN channel axis 1 is the axis MatMul contracts with the weight's rows.
+        return Invalid(
+            f"MatMul '{node_label(consumer)}' contracts {weight.shape[0]} rows but the BN parameters have"
+            f" {params.channels} values"
+        )
     scale, shift = params.affine()
     weight64, bias64 = fold_affine_into_consumer(weight, None, scale, shift, in_axis=0, out_axis=1)
 

@@ -315,7 +315,12 @@ def _fold_matmul(node, matmul, bias_add, params: BatchNormParams, spec: Producer
     if isinstance(elem_type, Skip):
         return elem_type
     if weight.shape[1] != params.channels:
-        return Skip(f"MatMul has {weight.shape[1]} output columns, BN has {params.channels}")
+        message = f"MatMul '{node_label(matmul)}' has {weight.shape[1]} output columns but the BN parameters have"
+        if bias_add is None or weight.shape[1] != 1:
+            # Rank 2: BN's channel axis 1 is the weight's output axis; a bias Add can broadcast
+            # a single column to C, never change C columns into another number.
+            return Invalid(f"{message} {params.channels} values")
+        return Skip(f"{message} {params.channels} values (the bias Add broadcasts the single column)")
     bias_name = None
     b64 = None
     if bias_add is not None:

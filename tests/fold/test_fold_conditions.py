@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -588,4 +589,51 @@ def test_gemm_columns_disagreeing_with_bn_parameters_are_refused(fk):
     m = fk.model([helper.make_node("Gemm", ["x", "w"], ["z"], name="fc"), bn], [fk.vi("x", fk.F32, ["N", 5])],
                  [fk.vi("y", fk.F32, ["N", 3])], [fk.init("w", rng.standard_normal((5, 4)), fk.F32), *bn_inits])
     with pytest.raises(BnfoldError, match="Gemm 'fc' has 4 output columns but the BN parameters have 3 values"):
+        fold(m)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul_columns_disagreeing_with_bn_parameters_are_refused(fk, bias):
+    """(N, 5) @ (5, 4) is (N, 4): BN's channel axis 1 holds 4 values, its parameters 3."""
+    rng = np.random.default_rng(30)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="fc")]
+    inits = [fk.init("w", rng.standard_normal((5, 4)), fk.F32)]
+    head = "mm"
+    if bias:
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["z"], name="fc_bias"))
+        inits.append(fk.init("b", rng.standard_normal(4), fk.F32))
+        head = "z"
+    bn, bn_inits = fk.bn_node(head, "y", "bn", rng, 3)
+    m = fk.model([*nodes, bn], [fk.vi("x", fk.F32, ["N", 5])], [fk.vi("y", fk.F32, ["N", 3])], inits + bn_inits)
+    with pytest.raises(BnfoldError, match="MatMul 'fc' has 4 output columns but the BN parameters have 3 values"):
+        fold(m)
+
+
+def test_matmul_single_column_broadcast_by_bias_is_kept_not_refused(fk):
+    """(N, 5) @ (5, 1) + b(3,) broadcasts to (N, 3): a valid model, 3 BN channels; not foldable."""
+    rng = np.random.default_rng(31)
+    bn, bn_inits = fk.bn_node("z", "y", "bn", rng, 3)
+    m = fk.model([helper.make_node("MatMul", ["x", "w"], ["mm"], name="fc"),
+                  helper.make_node("Add", ["mm", "b"], ["z"], name="fc_bias"), bn],
+                 [fk.vi("x", fk.F32, ["N", 5])], [fk.vi("y", fk.F32, ["N", 3])],
+                 [fk.init("w", rng.standard_normal((5, 1)), fk.F32), fk.init("b", rng.standard_normal(3), fk.F32),
+                  *bn_inits])
+    out, report = fk.fold_and_check(m, folded=0, kept=1, rng=rng)
+    assert "broadcasts the single column" in report.entries[0].reason
+
+
+@pytest.mark.parametrize(("op", "weight_shape", "message"), [
+    ("Conv", (2, 4, 1, 1), "Conv 'lin' reads 4 input channels (group 1) but the BN parameters have 3 values"),
+    ("Gemm", (4, 2), "Gemm 'lin' contracts 4 columns but the BN parameters have 3 values"),
+    ("MatMul", (4, 2), "MatMul 'lin' contracts 4 rows but the BN parameters have 3 values"),
+])
+def test_consumer_disagreeing_with_bn_parameters_is_refused(fk, op, weight_shape, message):
+    """BN (3 values, input channels undeclared) -> a linear layer that reads 4 channels."""
+    rng = np.random.default_rng(32)
+    bn, bn_inits = fk.bn_node("x", "z", "bn", rng, 3)
+    x_shape = ["N", None, 5, 5] if op == "Conv" else [2, None]
+    m = fk.model([bn, helper.make_node(op, ["z", "w"], ["y"], name="lin")], [fk.vi("x", fk.F32, x_shape)],
+                 [fk.vi("y", fk.F32, len(x_shape))], [fk.init("w", rng.standard_normal(weight_shape), fk.F32),
+                                                      *bn_inits])
+    with pytest.raises(BnfoldError, match=f"BatchNormalization 'bn' in main: {re.escape(message)}"):
         fold(m)
