@@ -192,6 +192,17 @@ def test_float16_overflow_is_kept(fk):
     _assert_unchanged(m, "overflows float16")
 
 
+def test_bfloat16_overflow_is_kept(fk):
+    """bfloat16 keeps float32's exponent range (max ~3.39e38): gamma = 1e38 over sqrt(var) = 0.5
+    times w = 4 gives 8e38, finite in float64 but not in bfloat16."""
+    rng = np.random.default_rng(33)
+    m = _conv_bn(fk, rng, elem_type=fk.BF16)
+    for name, value in (("bn.var", np.full(4, 0.25)), ("bn.scale", np.full(4, 1e38)), ("w", np.full((4, 3, 3, 3), 4.0))):
+        index = next(i for i, t in enumerate(m.graph.initializer) if t.name == name)
+        m.graph.initializer[index].CopyFrom(fk.init(name, value, fk.BF16))
+    _assert_unchanged(m, "overflows bfloat16")
+
+
 def test_subnormal_results_are_flushed(fk):
     """A dead channel (gamma ~ 1e-38) gives weights below float32's smallest normal 1.18e-38."""
     rng = np.random.default_rng(15)
