@@ -197,7 +197,8 @@ def test_bfloat16_overflow_is_kept(fk):
     times w = 4 gives 8e38, finite in float64 but not in bfloat16."""
     rng = np.random.default_rng(33)
     m = _conv_bn(fk, rng, elem_type=fk.BF16)
-    for name, value in (("bn.var", np.full(4, 0.25)), ("bn.scale", np.full(4, 1e38)), ("w", np.full((4, 3, 3, 3), 4.0))):
+    values = {"bn.var": np.full(4, 0.25), "bn.scale": np.full(4, 1e38), "w": np.full((4, 3, 3, 3), 4.0)}
+    for name, value in values.items():
         index = next(i for i, t in enumerate(m.graph.initializer) if t.name == name)
         m.graph.initializer[index].CopyFrom(fk.init(name, value, fk.BF16))
     _assert_unchanged(m, "overflows bfloat16")
@@ -282,7 +283,7 @@ def test_scan_body_folds(fk):
     scan = helper.make_node("Scan", ["acc0", "xs"], ["acc", "ys"], name="scan", body=body, num_scan_inputs=1)
     m = fk.model([scan], [fk.vi("acc0", fk.F32, [2, c]), fk.vi("xs", fk.F32, [4, 2, c])],
                  [fk.vi("acc", fk.F32, [2, c]), fk.vi("ys", fk.F32, [4, 2, c])], inits + bn_inits)
-    out, report = fk.fold_and_check(m, folded=1, rng=rng)
+    _, report = fk.fold_and_check(m, folded=1, rng=rng)
     assert report.entries[0].graph == "main/scan.body"
     assert report.entries[0].into == "fc_body"
 
@@ -629,7 +630,7 @@ def test_matmul_single_column_broadcast_by_bias_is_kept_not_refused(fk):
                  [fk.vi("x", fk.F32, ["N", 5])], [fk.vi("y", fk.F32, ["N", 3])],
                  [fk.init("w", rng.standard_normal((5, 1)), fk.F32), fk.init("b", rng.standard_normal(3), fk.F32),
                   *bn_inits])
-    out, report = fk.fold_and_check(m, folded=0, kept=1, rng=rng)
+    _, report = fk.fold_and_check(m, folded=0, kept=1, rng=rng)
     assert "broadcasts the single column" in report.entries[0].reason
 
 
