@@ -8,7 +8,7 @@ Usage::
 Measured (best of ``--repeat`` runs, wall clock, the first four round-robin):
 
 - ``load+save``: ``onnx.load`` + ``onnx.save`` of the model (the floor for any file-to-file tool);
-- ``bnfold API``: ``bnfold.io.load_model`` + ``bnfold.fold.fold`` + ``bnfold.io.save_model``, i.e.
+- ``bnfold API``: ``bnfold.io.load_model`` + ``bnfold.folding.fold`` + ``bnfold.io.save_model``, i.e.
   what ``bnfold convert --no-verify`` does;
 - ``onnx.load + bnfold.fold + onnx.save``: the same without bnfold.io's checks (the load-time
   ``onnx.checker`` pass and the atomic write);
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-cli", action="store_true")
     args = parser.parse_args(argv)
 
-    from bnfold.fold import fold
+    from bnfold.folding import fold
     from bnfold.io import load_model, save_model
 
     with tempfile.TemporaryDirectory() as tmp:

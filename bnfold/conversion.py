@@ -1,10 +1,10 @@
 """Convert an ONNX model file: load, fold BatchNormalization, verify, write (`bnfold convert`).
 
-The pipeline: load (`bnfold.io.load_model`), fold (`bnfold.fold.fold`), verify against the input
-in onnxruntime (`bnfold.verify.verify`, unless ``verify=False``), write OUT atomically. OUT is
+The pipeline: load (`bnfold.io.load_model`), fold (`bnfold.folding.fold`), verify against the input
+in onnxruntime (`bnfold.verification.verify`, unless ``verify=False``), write OUT atomically. OUT is
 written only after verification passed, so a failed run never leaves OUT behind and never
 touches an existing OUT. When verification fails, the folds responsible are found by bisection
-(`bnfold.verify.find_culprits`, re-folding with ``exclude=``) and named; with
+(`bnfold.verification.find_culprits`, re-folding with ``exclude=``) and named; with
 ``keep_failing_unfolded=True`` the model is written with just those BNs left unfolded (verified).
 
 Models whose tensors were stored as external data, or that exceed protobuf's 2 GB limit, are
@@ -43,9 +43,9 @@ class ConvertResult:
     data : dict
         The machine-readable report (what ``bnfold convert --json`` writes): input, output, ok,
         BN counts, fold entries, tensor map, node counts, sizes, verification, timing.
-    report : bnfold.fold.FoldReport
+    report : bnfold.folding.FoldReport
         BN by BN: folded into which node, or kept and why.
-    verification : bnfold.verify.VerifyReport or None
+    verification : bnfold.verification.VerifyReport or None
         None when verification was skipped.
     """
 
@@ -85,13 +85,13 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     check : bool
         Run ``onnx.checker.check_model(full_check=True)`` on OUT before writing it.
     decompose_rest, keep_initializer_inputs :
-        Options of `bnfold.fold.fold`.
+        Options of `bnfold.folding.fold`.
     keep_failing_unfolded : bool
         If verification fails, leave the BNs responsible unfolded and write the verified rest.
     json_path : path, optional
         Also write ``ConvertResult.data`` as JSON here (also when verification fails).
     inputs, rtol, atol, batch, seed, threads, max_bytes :
-        Options of `bnfold.verify.verify`.
+        Options of `bnfold.verification.verify`.
 
     Returns
     -------
@@ -215,14 +215,14 @@ def _check_paths(input_path: Path, out: Path, *, force: bool, in_place: bool, js
 
 def _fold(model: onnx.ModelProto, options: dict[str, Any], exclude: frozenset[str] = frozenset()):
     # Looked up at call time so that the fold pass is one module attribute (tests can wrap it).
-    fold_module = importlib.import_module("bnfold.fold")
+    fold_module = importlib.import_module("bnfold.folding")
     return fold_module.fold(model, exclude=exclude, **options)
 
 
 def _localize(model: onnx.ModelProto, report: Any, fold_options: dict[str, Any],
               verify_options: dict[str, Any]) -> list[str] | None:
     """Names of the BN folds that make verification fail, or None if they cannot be told apart."""
-    from bnfold.verify import find_culprits, verify
+    from bnfold.verification import find_culprits, verify
 
     changed = [entry.bn for entry in report.entries if entry.status != "kept"]
     if not changed or len(set(changed)) != len(changed) or not all(changed):
@@ -290,7 +290,7 @@ def _load(source: Path) -> tuple[onnx.ModelProto, bool, int, int]:
 def _verify(model: onnx.ModelProto, folded: onnx.ModelProto, report: Any, fold_options: dict[str, Any],
             verify_options: dict[str, Any], keep_failing_unfolded: bool, result: dict[str, Any]):
     """Verify ``folded``; on failure name the responsible folds and, if asked, refold without them."""
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     verification = verify(model, folded, **verify_options)
     if verification.ok:

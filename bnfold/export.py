@@ -48,7 +48,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.fold.algebra import bn_affine, check_representable, fold_batchnorm
+from bnfold.folding.algebra import bn_affine, check_representable, fold_batchnorm
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -374,7 +374,7 @@ def export_onnx(model_or_checkpoint: Any, *, fold: bool = False, opset: int | No
         The model, or a ``.npz`` checkpoint read with `bnfold.nn.checkpoint.load_checkpoint`.
     fold : bool
         Fold each BatchNorm into the Dense layer before it at export time
-        (`bnfold.fold.algebra.fold_batchnorm`, float64, cast to the weights' dtype): the graph
+        (`bnfold.folding.algebra.fold_batchnorm`, float64, cast to the weights' dtype): the graph
         then holds only Gemm/MatMul with one bias each and the activations.
     opset : int, optional
         Default-domain opset, `MIN_OPSET` to `max_opset()`; default `DEFAULT_OPSET`.

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnfold.verify import VerifyReport, verify
+from bnfold.verification import VerifyReport, verify
 
 __all__ = ["assert_equivalent"]
 
@@ -28,7 +28,7 @@ def assert_equivalent(reference: onnx.ModelProto | str | os.PathLike,
                       **options: Any) -> VerifyReport:
     """Assert that ``candidate`` computes the same outputs as ``reference`` in onnxruntime.
 
-    Runs `bnfold.verify.verify` (same keyword options: ``rtol``, ``atol``, ``batch``, ``seed``,
+    Runs `bnfold.verification.verify` (same keyword options: ``rtol``, ``atol``, ``batch``, ``seed``,
     ``threads``, ``max_bytes``) and returns its report when every shared output is within
     tolerance.
 

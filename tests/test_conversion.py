@@ -46,9 +46,9 @@ def test_convert_refuses_to_overwrite_without_force(tmp_path):
 
 def test_convert_raises_verification_error_and_writes_nothing(tmp_path, monkeypatch):
     """A fold that changes one folded bias: verification must catch it and name the BN."""
-    import bnfold.fold
+    import bnfold.folding
 
-    real_fold = bnfold.fold.fold
+    real_fold = bnfold.folding.fold
 
     def wrong_fold(model, **kwargs):
         folded, report = real_fold(model, **kwargs)
@@ -61,7 +61,7 @@ def test_convert_raises_verification_error_and_writes_nothing(tmp_path, monkeypa
             bias.CopyFrom(onnx.numpy_helper.from_array(array, bias.name))
         return folded, report
 
-    monkeypatch.setattr(bnfold.fold, "fold", wrong_fold)
+    monkeypatch.setattr(bnfold.folding, "fold", wrong_fold)
     out = tmp_path / "folded.onnx"
     with pytest.raises(VerificationError) as info:
         bnfold.convert(MODEL, out)

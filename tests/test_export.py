@@ -107,7 +107,7 @@ def bias_counts(model: onnx.ModelProto) -> dict[str, int]:
 @pytest.mark.parametrize("center,scale", [(True, True), (False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("opset", OPSETS)
 def test_numpy_unfolded_and_folded_agree(convention: str, center: bool, scale: bool, opset: int) -> None:
-    from bnfold.fold import fold
+    from bnfold.folding import fold
 
     model = make_model(convention, center=center, scale=scale, seed=opset)
     x = np.random.default_rng(100 + opset).standard_normal((33, 20)).astype(np.float32)
@@ -136,7 +136,7 @@ def test_numpy_unfolded_and_folded_agree(convention: str, center: bool, scale: b
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_folded_graphs_have_no_batchnorm_and_one_bias_per_linear(opset: int) -> None:
-    from bnfold.fold import fold
+    from bnfold.folding import fold
 
     model = make_model("keras", seed=1)
     unfolded = export_onnx(model, opset=opset)
@@ -266,7 +266,7 @@ SHIPPED_ONNX = SHIPPED_NPZ.with_suffix(".onnx")
 
 
 def test_shipped_onnx_is_the_export_of_the_shipped_checkpoint() -> None:
-    from bnfold.fold import fold
+    from bnfold.folding import fold
     from bnfold.nn.checkpoint import load_checkpoint
     from bnfold.nn.data import load_digits
 

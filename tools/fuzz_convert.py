@@ -379,9 +379,9 @@ def run_case(data: bytes, folder: Path, *, time_limit: float = CASE_TIME_LIMIT,
     Invariants checked: only `BnfoldError` may escape bnfold; `fold` does not modify its input
     model; the input file is unchanged; a folded model verifies against its input.
     """
-    from bnfold.fold import fold
+    from bnfold.folding import fold
     from bnfold.io import load_model
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     path = Path(folder) / "case.onnx"
     path.write_bytes(data)
@@ -442,7 +442,7 @@ def _differs_only_at_overflow(model: onnx.ModelProto, folded: onnx.ModelProto, b
     """
     import onnxruntime as ort
 
-    from bnfold.verify import feed_inputs, random_inputs
+    from bnfold.verification import feed_inputs, random_inputs
 
     feeds = random_inputs(feed_inputs(model), batch=batch, rng=np.random.default_rng(0))
     options = ort.SessionOptions()

@@ -122,7 +122,7 @@ def command(
     from bnfold.nn.data import load_digits
     from bnfold.nn.model import build_mlp
     from bnfold.nn.optim import SGD, Adam
-    from bnfold.nn.train import EpochResult, evaluate, recompute_statistics, train_epoch
+    from bnfold.nn.training import EpochResult, evaluate, recompute_statistics, train_epoch
 
     sizes = _parse_hidden(hidden)
     if output is not None:

@@ -63,7 +63,7 @@ def verification_options(func: Callable) -> Callable:
 
 
 def verify_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of `bnfold.verify.verify` from the parsed `verification_options`."""
+    """Keyword arguments of `bnfold.verification.verify` from the parsed `verification_options`."""
     return {
         "inputs": params["inputs_path"],
         "rtol": params["rtol"],
@@ -86,7 +86,7 @@ def command(reference: str, candidate: str, json_path: str | None, **params: Any
     For every output both models share: max|a - b| <= atol + rtol * max|a|, with a the reference.
     Exit code 0 if equivalent, 1 if not, 2 on errors.
     """
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     if json_path is not None:
         from bnfold.io import check_output_path

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-import bnfold.fold
+import bnfold.folding
 from bnfold.cli import main
 from bnfold.export import export_onnx
 from bnfold.nn.batchnorm import BatchNorm
@@ -155,7 +155,7 @@ def test_json_report(model_path: Path, tmp_path: Path) -> None:
 
 def corrupt_fold(monkeypatch: pytest.MonkeyPatch, bn_name: str) -> None:
     """Wrap the fold pass so that folding ``bn_name`` scales the absorbing weight by 1.5."""
-    real = bnfold.fold.fold
+    real = bnfold.folding.fold
 
     def wrong(model, **kwargs):
         folded, report = real(model, **kwargs)
@@ -166,7 +166,7 @@ def corrupt_fold(monkeypatch: pytest.MonkeyPatch, bn_name: str) -> None:
             init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 1.5, init.name))
         return folded, report
 
-    monkeypatch.setattr(bnfold.fold, "fold", wrong)
+    monkeypatch.setattr(bnfold.folding, "fold", wrong)
 
 
 def test_verification_failure_exits_1_names_the_fold_and_writes_nothing(
@@ -285,14 +285,14 @@ def test_readme_command_twice_and_fast(tmp_path: Path) -> None:
 
 
 def test_fold_options_pass_through(model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = bnfold.fold.fold
+    real = bnfold.folding.fold
     seen = []
 
     def recording(model, **kwargs):
         seen.append(kwargs)
         return real(model, **kwargs)
 
-    monkeypatch.setattr(bnfold.fold, "fold", recording)
+    monkeypatch.setattr(bnfold.folding, "fold", recording)
     code, _, stderr = bnfold_cli("convert", model_path, "-o", tmp_path / "o.onnx", "--decompose-rest",
                                  "--keep-initializer-inputs", "--check")
     assert code == 0, stderr

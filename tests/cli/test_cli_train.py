@@ -13,7 +13,7 @@ import pytest
 from bnfold.cli import main
 from bnfold.nn.checkpoint import load_checkpoint
 from bnfold.nn.data import load_digits
-from bnfold.nn.train import accuracy, recompute_statistics
+from bnfold.nn.training import accuracy, recompute_statistics
 
 EPOCH_LINE = re.compile(
     r"^epoch +(\d+)/(\d+) +steps +(\d+) +loss ([\d.]+) +test accuracy: batch stats +([\d.]+)% +moving stats +([\d.]+)% +recomputed +([\d.]+)%$"

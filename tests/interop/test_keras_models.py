@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("keras")
 
-from bnfold.fold import fold  # noqa: E402
+from bnfold.folding import fold  # noqa: E402
 
 CASES = ["keras-dense", "keras-conv", "keras-sequence", "keras-depthwise"]
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from bnfold.fold import fold  # noqa: E402
+from bnfold.folding import fold  # noqa: E402
 
 #: (model, exporter) pairs. "dynamo-opt" only where its optimizer leaves BN behind (BN in front
 #: of a linear layer, BN after a permute) or as a representative already-folded graph: each

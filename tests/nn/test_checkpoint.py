@@ -14,7 +14,7 @@ from bnfold.nn.checkpoint import load_checkpoint, save_checkpoint
 from bnfold.nn.layers import Dense, LeakyReLU, ReLU
 from bnfold.nn.model import Sequential, build_mlp
 from bnfold.nn.optim import SGD
-from bnfold.nn.train import train_epoch
+from bnfold.nn.training import train_epoch
 
 
 def trained_model(**kwargs) -> Sequential:

@@ -4,8 +4,8 @@ For each case the CLI must: exit 2 (1 is only for a failed verification), print 
 ``bnfold: error: <what and where>`` on stderr and no traceback, leave the input's bytes unchanged
 (SHA-256 before/after), and leave no output or temporary file behind (folder listings before/after).
 The Python API must raise `BnfoldError` (never another exception type) from the function that is
-responsible: `bnfold.io.load_model` for what is not a valid model file, `bnfold.fold.fold` for a
-model whose BatchNormalization parameters are invalid, `bnfold.verify.verify` for what cannot be
+responsible: `bnfold.io.load_model` for what is not a valid model file, `bnfold.folding.fold` for a
+model whose BatchNormalization parameters are invalid, `bnfold.verification.verify` for what cannot be
 run safely.
 """
 
@@ -294,9 +294,9 @@ def test_verify_refuses_bad_model(case, position, builders, folders, run_cli, sn
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_api_refuses_bad_input(case, builders, folders, snapshot):
     """The responsible API function raises BnfoldError; the stages before it accept the input."""
-    from bnfold.fold import fold
+    from bnfold.folding import fold
     from bnfold.io import load_model
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     src_dir, _ = folders
     src = case.make(src_dir, builders)
@@ -428,7 +428,7 @@ def test_verify_refuses_pickled_inputs(builders, folders, run_cli, snapshot):
     assert not marker.exists()
     before.assert_unchanged()
 
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     with pytest.raises(BnfoldError, match="pickle"):
         verify(model, model, inputs=evil)
@@ -503,7 +503,7 @@ def _entries(report: dict) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["training-mode", "runtime-weights"])
 def test_unfoldable_bn_is_kept_and_reported(kind, builders, folders, run_cli):
-    from bnfold.fold import fold
+    from bnfold.folding import fold
 
     src_dir, out_dir = folders
     model = builders.gemm_bn(training_mode=1) if kind == "training-mode" else builders.runtime_weight_conv_bn()
@@ -553,7 +553,7 @@ def test_fold_on_cycle_answers_without_hanging(builders):
     only has to terminate and raise nothing but BnfoldError: a Gemm -> BN pair inside a cycle is
     still an exact fold.
     """
-    from bnfold.fold import fold
+    from bnfold.folding import fold
 
     outcome = _in_thread(lambda: fold(builders.cycle_model()), timeout=20.0)
     if "error" in outcome:
@@ -562,7 +562,7 @@ def test_fold_on_cycle_answers_without_hanging(builders):
 
 def test_fold_on_dangling_bn_input_does_not_crash(builders):
     """A BN parameter that nothing produces (unchecked model): an error or the BN kept, nothing else."""
-    from bnfold.fold import fold
+    from bnfold.folding import fold
 
     model = builders.gemm_bn()
     model.graph.node[1].input[4] = "bn.var.lost"
@@ -580,7 +580,7 @@ def test_fold_on_dangling_bn_input_does_not_crash(builders):
 
 
 def test_verify_memory_cap_refuses_quickly(builders, tmp_path):
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     model = builders.gemm_bn(batch=10**12)
     started = time.monotonic()
@@ -616,7 +616,7 @@ def test_threads_bound_onnxruntime_sessions(builders, monkeypatch):
     """`threads` reaches every onnxruntime session as intra- and inter-op thread counts."""
     import onnxruntime
 
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     seen = []
     real = onnxruntime.InferenceSession
@@ -716,7 +716,7 @@ def test_deeply_nested_subgraphs_answer_cleanly(builders, folders, run_cli):
     ids=["opset9-outputs", "opset6-is-test-0", "opset15-training-mode"],
 )
 def test_training_mode_bn_is_kept_in_every_opset(opset, outputs, attributes, builders):
-    from bnfold.fold import fold
+    from bnfold.folding import fold
     from bnfold.io import check_model
 
     model = builders.gemm_bn(opset=opset)

@@ -1,7 +1,7 @@
 """Property, through ``bnfold convert``: on random foldable graphs the output is equivalent to the
 input and converting it again changes nothing (idempotence).
 
-Equivalence is checked here independently of `bnfold.verify`: onnxruntime (graph optimizations
+Equivalence is checked here independently of `bnfold.verification`: onnxruntime (graph optimizations
 disabled, so that it does not fold BN itself) runs both files on the same seeded inputs.
 """
 

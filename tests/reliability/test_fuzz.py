@@ -1,7 +1,7 @@
 """Bounded fuzzing: mutated model bytes end in a BnfoldError or a verified result, never a crash.
 
 The oracle is `tools/fuzz_convert.py:run_case` (the same one the long run uses): load with
-`bnfold.io.load_model`, fold with `bnfold.fold.fold`, verify with `bnfold.verify.verify`. Any other
+`bnfold.io.load_model`, fold with `bnfold.folding.fold`, verify with `bnfold.verification.verify`. Any other
 exception type, a folded model that does not verify, a modified input or a case over its time
 limit raises `Finding`. The long run (10,000+ cases) is ``python tools/fuzz_convert.py``.
 """
@@ -80,12 +80,12 @@ def test_fuzzer_reaches_every_stage():
 
 def test_oracle_flags_a_non_bnfold_exception(monkeypatch):
     """run_case reports a crash as a Finding (checks the check)."""
-    import bnfold.fold
+    import bnfold.folding
 
     def crash(model, **kwargs):
         raise IndexError("boom")
 
-    monkeypatch.setattr(bnfold.fold, "fold", crash)
+    monkeypatch.setattr(bnfold.folding, "fold", crash)
     with pytest.raises(tool.Finding, match="IndexError: boom"):
         _run(SEEDS["gemm_bn"])
 
@@ -119,10 +119,10 @@ def test_cli_on_mutated_models(tmp_path):
 
 def test_oracle_flags_a_fold_that_changes_the_function(monkeypatch):
     """run_case reports a folded model that does not verify as a Finding (checks the check)."""
-    import bnfold.fold
+    import bnfold.folding
     from onnx import numpy_helper
 
-    real_fold = bnfold.fold.fold
+    real_fold = bnfold.folding.fold
 
     def wrong_fold(model, **kwargs):
         folded, report = real_fold(model, **kwargs)
@@ -131,7 +131,7 @@ def test_oracle_flags_a_fold_that_changes_the_function(monkeypatch):
         folded.graph.initializer[0].CopyFrom(numpy_helper.from_array(array, first.name))
         return folded, report
 
-    monkeypatch.setattr(bnfold.fold, "fold", wrong_fold)
+    monkeypatch.setattr(bnfold.folding, "fold", wrong_fold)
     with pytest.raises(tool.Finding, match="does not verify"):
         _run(SEEDS["gemm_bn"])
 

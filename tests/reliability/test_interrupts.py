@@ -71,9 +71,9 @@ def test_failure_mid_write_of_output(failure, existing_out, run_cli, snapshot, m
 
 def test_failed_verification_exits_1_and_writes_nothing(existing_out, run_cli, snapshot, monkeypatch):
     """A fold that changes the function: exit 1, and neither OUT nor any temporary file appears."""
-    import bnfold.fold
+    import bnfold.folding
 
-    real_fold = bnfold.fold.fold
+    real_fold = bnfold.folding.fold
 
     def wrong_fold(model, **kwargs):
         folded, report = real_fold(model, **kwargs)
@@ -83,7 +83,7 @@ def test_failed_verification_exits_1_and_writes_nothing(existing_out, run_cli, s
                 folded.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, tensor.name))
         return folded, report
 
-    monkeypatch.setattr(bnfold.fold, "fold", wrong_fold)
+    monkeypatch.setattr(bnfold.folding, "fold", wrong_fold)
     src, out = existing_out
     before = snapshot([src, out], [src.parent, out.parent])
     result = run_cli(["convert", src, "-o", out, "--force"])

@@ -167,7 +167,7 @@ def test_load_refuses_names_that_are_not_utf8(builders, tmp_path):
 def test_load_and_fold_refuse_other_strings_that_are_not_utf8(builders, tmp_path, field):
     """Found by the fuzzer: a graph name that is not UTF-8 passed the checks and then made the
     fold pass fail with UnicodeDecodeError when it copied the model."""
-    from bnfold.fold import fold
+    from bnfold.folding import fold
 
     model = builders.gemm_bn()
     owner = model.graph if field.startswith("graph.") else model

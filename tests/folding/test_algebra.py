@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bnfold.fold.algebra import bn_affine, check_representable, fold_affine, fold_batchnorm
+from bnfold.folding.algebra import bn_affine, check_representable, fold_affine, fold_batchnorm
 
 
 def _bn(z, gamma, beta, mean, var, eps, axis):

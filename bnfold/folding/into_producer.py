@@ -21,7 +21,7 @@ Rules (cited in the code as "rule N"):
 5. Conditions for every producer: the producer (and the bias Add) output feeds only the next
    node and is not a graph output; the weight, bias and BN parameters are constants; the
    channel counts agree; folded values are representable in the weight's dtype (computed in
-   float64 by `bnfold.fold.algebra`, cast once, subnormals flushed to zero).
+   float64 by `bnfold.folding.algebra`, cast once, subnormals flushed to zero).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.fold.algebra import fold_affine
-from bnfold.fold.graph import (
+from bnfold.folding.algebra import fold_affine
+from bnfold.folding.graph import (
     BatchNormParams,
     GraphIndex,
     Invalid,

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bnfold.fold import fold
+from bnfold.folding import fold
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ With ``BN(x) = s * x + t`` per input channel ``c`` and a linear consumer
 
     W'[o, c, k] = W[o, c, k] * s[c]          b'[o] = b[o] + sum_{c, k} W[o, c, k] * t[c]
 
-(`bnfold.fold.algebra.fold_affine_into_consumer`). Tried only after the fold into the producer
-(`bnfold.fold.into_producer`) found nothing to fold into.
+(`bnfold.folding.algebra.fold_affine_into_consumer`). Tried only after the fold into the producer
+(`bnfold.folding.into_producer`) found nothing to fold into.
 
 Rules (cited in the code as "rule N"):
 
@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from bnfold.fold.algebra import fold_affine_into_consumer
-from bnfold.fold.graph import (
+from bnfold.folding.algebra import fold_affine_into_consumer
+from bnfold.folding.graph import (
     BatchNormParams,
     GraphIndex,
     Invalid,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.fold import fold
+from bnfold.folding import fold
 
 
 def ops(model):

@@ -13,7 +13,7 @@ from bnfold.io import load_npz
 from bnfold.nn.data import load_digits
 from bnfold.nn.model import build_mlp
 from bnfold.nn.optim import SGD, Adam
-from bnfold.nn.train import accuracy, evaluate, minibatches, recompute_statistics, train
+from bnfold.nn.training import accuracy, evaluate, minibatches, recompute_statistics, train
 
 # Published facts about the data set (scikit-learn's DESCR for load_digits, and the UCI page):
 # 1,797 images of 8x8 pixel counts in 0..16, classes 0..9 with these sizes.

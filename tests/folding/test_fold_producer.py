@@ -72,7 +72,7 @@ def test_conv_transpose_group_channel_layout(fk):
     """Output channel o = g*(C_out/group) + j reads weight[g*(C_in/group):(g+1)*(C_in/group), j]:
     with one BN scale per output channel, each weight block must be scaled by its own channel's
     scale, checked here element by element against that closed form."""
-    from bnfold.fold import fold
+    from bnfold.folding import fold
     from onnx import numpy_helper
 
     rng = np.random.default_rng(3)
@@ -162,7 +162,7 @@ def test_matmul_unknown_rank_is_kept(fk):
     mm = helper.make_node("MatMul", ["x", "w"], ["z"], name="mm")
     bn, bn_inits = fk.bn_node("z", "y", "bn", rng, 5)
     m = fk.model([mm, bn], [fk.vi("x", fk.F32, None)], [fk.vi("y", fk.F32, None)], inits + bn_inits)
-    from bnfold.fold import fold
+    from bnfold.folding import fold
 
     out, report = fold(m)
     assert report.folded == 0 and "unknown" in report.entries[0].reason

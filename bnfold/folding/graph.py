@@ -19,7 +19,7 @@ Patterns never mutate the graph or the index: they read through the `GraphIndex`
 ``consumers``, ``constant``, ``fetch``, ``rank``, ``read_batchnorm``, ...), reserve the names of new
 tensors with `GraphIndex.fresh_name`, build new nodes with `replace_node`, cast folded float64
 values with `GraphIndex.cast_folded`, and return a `Rewrite`. Each pattern module exports its
-patterns, in the order they are tried, as a module-level list ``PATTERNS``; `bnfold.fold.fold_pass`
+patterns, in the order they are tried, as a module-level list ``PATTERNS``; `bnfold.folding.fold_pass`
 lists the modules. ``FunctionPattern`` / `pattern` wrap a plain function::
 
     @pattern("conv-bn", "BatchNormalization")
@@ -64,10 +64,10 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.fold.algebra import bn_affine, check_representable
+from bnfold.folding.algebra import bn_affine, check_representable
 
 if TYPE_CHECKING:
-    from bnfold.fold.report import FoldReport
+    from bnfold.folding.report import FoldReport
 
 __all__ = [
     "FoldedTensors",
@@ -218,7 +218,7 @@ def pattern(name: str, *anchors: str) -> Callable[[Callable], FunctionPattern]:
 
 @dataclass(frozen=True)
 class FoldOptions:
-    """The switches of `bnfold.fold.fold` that patterns may read (``index.options``)."""
+    """The switches of `bnfold.folding.fold` that patterns may read (``index.options``)."""
 
     decompose_rest: bool = False
     keep_initializer_inputs: bool = False

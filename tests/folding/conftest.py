@@ -207,7 +207,7 @@ def count_ops(m, op_type):
 def fold_and_check(m, *, folded, kept=0, rng=None, feeds=None, batch=2, bn_left=None, **fold_kwargs):
     """Fold ``m``; assert the counts, the checker, the input is untouched, outputs match,
     and that folding again changes nothing. Returns ``(folded_model, report)``."""
-    from bnfold.fold import fold
+    from bnfold.folding import fold
 
     before = m.SerializeToString()
     out, report = fold(m, **fold_kwargs)

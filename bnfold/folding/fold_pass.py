@@ -34,7 +34,7 @@ import onnx
 from google.protobuf.message import Message
 
 from bnfold.errors import BnfoldError
-from bnfold.fold.graph import (
+from bnfold.folding.graph import (
     AttributeRef,
     ChainSkip,
     FoldOptions,
@@ -49,14 +49,14 @@ from bnfold.fold.graph import (
     node_label,
     validate_batchnorm,
 )
-from bnfold.fold.report import FoldEntry, FoldReport
+from bnfold.folding.report import FoldEntry, FoldReport
 
 __all__ = ["fold", "FoldBatchNormPass", "PATTERN_MODULES", "load_patterns"]
 
 log = logging.getLogger(__name__)
 
 #: Pattern modules, tried in this order; each exports ``PATTERNS``.
-PATTERN_MODULES = ("bnfold.fold.into_producer", "bnfold.fold.into_consumer", "bnfold.fold.decomposed")
+PATTERN_MODULES = ("bnfold.folding.into_producer", "bnfold.folding.into_consumer", "bnfold.folding.decomposed")
 
 _BN = "BatchNormalization"
 _DEFAULT_DOMAINS = ("", "ai.onnx")

@@ -1,4 +1,4 @@
-"""bnfold.verify: comparison rules, inputs, IR < 4 initializer inputs, limits, bisection.
+"""bnfold.verification: comparison rules, inputs, IR < 4 initializer inputs, limits, bisection.
 
 Models here are tiny hand-built graphs whose outputs are known in closed form (y = x * c), so a
 crafted difference in ``c`` gives a known error.
@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.verify import (
+from bnfold.verification import (
     compare_arrays,
     default_tolerances,
     feed_inputs,

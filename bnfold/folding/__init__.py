@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from bnfold.fold.fold_pass import fold
-from bnfold.fold.report import FoldEntry, FoldReport
+from bnfold.folding.fold_pass import fold
+from bnfold.folding.report import FoldEntry, FoldReport
 
 __all__ = ["fold", "FoldReport", "FoldEntry"]

@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.fold import fold
+from bnfold.folding import fold
 
 
 def _conv_bn(fk, rng, *, elem_type=None, c=4, opset=17, var_scale=1.0, extra_nodes=(), outputs=None, **bn_attrs):

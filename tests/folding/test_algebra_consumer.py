@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 import pytest
 
-from bnfold.fold.algebra import bn_affine, fold_affine_into_consumer
+from bnfold.folding.algebra import bn_affine, fold_affine_into_consumer
 
 RTOL = 1e-10
 

@@ -57,7 +57,7 @@ class FoldEntry:
 
 @dataclass
 class FoldReport:
-    """All `FoldEntry` records of one `bnfold.fold.fold` call, plus model-level notes.
+    """All `FoldEntry` records of one `bnfold.folding.fold` call, plus model-level notes.
 
     Attributes
     ----------

@@ -6,7 +6,7 @@ node. Keras 3's ``model.export(format="onnx")`` (torch backend) writes every BN 
 with no-op Casts between the ops, its Dense bias as one more ``Add``, and for channels-last
 convolutions ``Conv -> Transpose(0, 2, 3, 1) -> ...``. Such a chain is one per-channel affine
 map ``y = scale * z + shift`` of the producer's output ``z`` and folds into the producer with
-the same algebra as a BN node (`bnfold.fold.algebra.fold_affine`).
+the same algebra as a BN node (`bnfold.folding.algebra.fold_affine`).
 
 Rules (cited in the code as "rule N"):
 
@@ -22,9 +22,9 @@ Rules (cited in the code as "rule N"):
    more axes than the value (so broadcasting never changes the value's shape).
 3. The chain ends at its last Add / Mul / Sub / Div or BN; it is a BN-like chain, folded and reported,
    only if it scales (has a Mul or Div): a bare bias Add is not a BN, and is left to rule 4 of
-   `bnfold.fold.into_producer` or to the model as it is.
+   `bnfold.folding.into_producer` or to the model as it is.
 4. The collapsed ``(scale, shift)`` (float64) is folded into the producer by the code of
-   `bnfold.fold.into_producer` for Conv / ConvTranspose / Gemm; a MatMul becomes
+   `bnfold.folding.into_producer` for Conv / ConvTranspose / Gemm; a MatMul becomes
    ``MatMul(A, W') -> Add(b')`` (exact for any rank of ``A``: the bias broadcasts along the last
    axis, which is the channel axis). The chain's Transposes are kept, in order, after the
    producer; its Casts, Identities and arithmetic nodes are removed; the chain's final value
@@ -39,7 +39,7 @@ Rules (cited in the code as "rule N"):
    axis 1: ``MatMul (N, L, C) -> Transpose(0, 2, 1) -> BatchNormalization`` (how PyTorch exports
    ``Linear`` followed by ``BatchNorm1d`` over a permuted sequence), ``Conv -> Add(bias) -> BN``,
    ``Conv -> BN -> Mul(per-channel scale)``. A BN right after the producer with nothing else in
-   the chain is left to `bnfold.fold.into_producer`; a BN after a scaling step (Sub, Mul, Div, or
+   the chain is left to `bnfold.folding.into_producer`; a BN after a scaling step (Sub, Mul, Div, or
    another BN) ends the chain, so that the chain's report entry, named after its first scaling
    node, is the BN's own.
 """
@@ -52,9 +52,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.fold import into_producer
-from bnfold.fold.algebra import fold_affine
-from bnfold.fold.graph import (
+from bnfold.folding import into_producer
+from bnfold.folding.algebra import fold_affine
+from bnfold.folding.graph import (
     ChainSkip,
     GraphIndex,
     Rewrite,
@@ -105,7 +105,7 @@ class AffineChain:
     def scales(self) -> bool:
         return any(n.op_type in ("Mul", "Div", _BN) for n in self.nodes)
 
-    # The attributes the fold code of `bnfold.fold.into_producer` reads from BN parameters.
+    # The attributes the fold code of `bnfold.folding.into_producer` reads from BN parameters.
     @property
     def channels(self) -> int:
         return int(self.scale.shape[0])
@@ -242,7 +242,7 @@ def _batchnorm_step(node: onnx.NodeProto, current: str, index: GraphIndex, walke
 
 
 def _lone_batchnorm(chain: AffineChain, producer: onnx.NodeProto) -> bool:
-    """True if the chain is a pattern of `bnfold.fold.into_producer`: one BN reading the
+    """True if the chain is a pattern of `bnfold.folding.into_producer`: one BN reading the
     producer's output, or for a MatMul, one bias Add and then the BN (its rule 4)."""
     ops = [n.op_type for n in chain.nodes]
     if ops == [_BN]:
@@ -317,7 +317,7 @@ def fold_decomposed_chain(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | 
     if chain is None or not chain.scales:
         return None  # rule 3
     if _lone_batchnorm(chain, node):
-        return None  # producer -> BN alone is `bnfold.fold.into_producer`'s (rule 6)
+        return None  # producer -> BN alone is `bnfold.folding.into_producer`'s (rule 6)
     if node_label(chain.first_scaling) in index.options.exclude:
         return ChainSkip("excluded", chain.first_scaling)
     target = node.output[0] if chain.transposes else chain.final
