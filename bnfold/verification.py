@@ -33,17 +33,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from google.protobuf.message import EncodeError
 
 from bnfold.errors import BnfoldError
+from bnfold.runtime import (
+    InputSpec,
+    ModelLike,
+    concrete_shape,
+    feed_inputs,
+    np_dtype,
+    random_inputs,
+)
+from bnfold.runtime import load as _load
+from bnfold.runtime import run as _run
+from bnfold.runtime import session as _session
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -69,8 +77,6 @@ _DEFAULT_TOLERANCES = {
     "float16": (1e-2, 1e-4),
     "bfloat16": (1e-2, 1e-4),
 }
-
-ModelLike = onnx.ModelProto | str | os.PathLike
 
 
 def default_tolerances(dtype: np.dtype | str) -> tuple[float, float]:
@@ -279,49 +285,8 @@ def _compare_float(a: np.ndarray, b: np.ndarray, rtol: float, atol: float,
 # ----------------------------------------------------------------------------- inputs
 
 
-@dataclass(frozen=True)
-class _InputSpec:
-    name: str
-    dtype: np.dtype
-    dims: tuple[int | str | None, ...]  # int, symbolic name, or None (unknown)
-
-
-def _np_dtype(elem_type: int, where: str) -> np.dtype:
-    try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    except Exception:
-        raise BnfoldError(f"{where}: element type {elem_type} is not supported for verification") from None
-
-
-def feed_inputs(model: onnx.ModelProto, label: str = "model") -> list[_InputSpec]:
-    """Graph inputs that must be fed: those without an initializer of the same name.
-
-    Models of IR version < 4 list every initializer as an input too; those are constants and are
-    not fed (onnxruntime uses the initializer).
-    """
-    initializers = {init.name for init in model.graph.initializer}
-    initializers |= {init.values.name for init in model.graph.sparse_initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        where = f"{label}: input '{value.name}'"
-        if value.type.WhichOneof("value") != "tensor_type":
-            raise BnfoldError(f"{where} is not a tensor; bnfold verifies tensor inputs only")
-        tensor_type = value.type.tensor_type
-        dtype = _np_dtype(tensor_type.elem_type, where)
-        if not tensor_type.HasField("shape"):
-            raise BnfoldError(f"{where} has no shape (unknown rank); pass its arrays with --inputs")
-        dims = tuple(
-            dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
-            for dim in tensor_type.shape.dim
-        )
-        specs.append(_InputSpec(value.name, dtype, dims))
-    return specs
-
-
-def _unify_inputs(ref: list[_InputSpec], cand: list[_InputSpec], ref_label: str,
-                  cand_label: str) -> list[_InputSpec]:
+def _unify_inputs(ref: list[InputSpec], cand: list[InputSpec], ref_label: str,
+                  cand_label: str) -> list[InputSpec]:
     ref_names = [spec.name for spec in ref]
     cand_by_name = {spec.name: spec for spec in cand}
     if set(ref_names) != set(cand_by_name):
@@ -350,39 +315,11 @@ def _unify_inputs(ref: list[_InputSpec], cand: list[_InputSpec], ref_label: str,
                     f" {list(spec.dims)} in {ref_label}"
                 )
             dims.append(mine if isinstance(mine, int) else theirs)
-        unified.append(_InputSpec(spec.name, spec.dtype, tuple(dims)))
+        unified.append(InputSpec(spec.name, spec.dtype, tuple(dims)))
     return unified
 
 
-def _concrete_shape(spec: _InputSpec, batch: int) -> tuple[int, ...]:
-    return tuple(dim if isinstance(dim, int) else batch for dim in spec.dims)
-
-
-def random_inputs(specs: Sequence[_InputSpec], *, batch: int,
-                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random arrays for ``specs``: floats ~ N(0, 1), integers in [0, 4), bools fair coins.
-
-    Small non-negative integers keep index-like inputs (Gather, Slice) in range for most models.
-    """
-    arrays = {}
-    for spec in specs:
-        shape = _concrete_shape(spec, batch)
-        kind = spec.dtype.kind
-        if kind == "f" or spec.dtype.name == "bfloat16":
-            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif kind in "iu":
-            arrays[spec.name] = rng.integers(0, 4, size=shape).astype(spec.dtype)
-        elif kind == "b":
-            arrays[spec.name] = rng.random(shape) < 0.5
-        else:
-            raise BnfoldError(
-                f"input '{spec.name}' has dtype {spec.dtype.name}, for which bnfold cannot draw random"
-                " values; pass its arrays with --inputs"
-            )
-    return arrays
-
-
-def _check_user_inputs(arrays: Mapping[str, np.ndarray], specs: Sequence[_InputSpec],
+def _check_user_inputs(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec],
                        source: str) -> dict[str, np.ndarray]:
     by_name = {spec.name: spec for spec in specs}
     extra = sorted(set(arrays) - set(by_name))
@@ -422,7 +359,7 @@ def _output_bytes(model: onnx.ModelProto, names: Sequence[str], batch: int) -> i
         if not tensor_type.HasField("shape"):
             continue
         try:
-            itemsize = _np_dtype(tensor_type.elem_type, name).itemsize
+            itemsize = np_dtype(tensor_type.elem_type, name).itemsize
         except BnfoldError:
             continue
         count = 1
@@ -454,59 +391,6 @@ def _human(n: float) -> str:
 
 
 # ----------------------------------------------------------------------------- running
-
-
-def _load(model: ModelLike, label: str) -> tuple[onnx.ModelProto, str]:
-    if isinstance(model, onnx.ModelProto):
-        return model, label
-    from bnfold.io import load_model
-
-    return load_model(model), str(model)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
-
-
-def _session(model: onnx.ModelProto, label: str, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = threads
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Errors reach the user as one BnfoldError line; onnxruntime's own log would add more lines.
-    options.log_severity_level = 4
-    try:
-        data = model.SerializeToString()
-    except (ValueError, EncodeError):  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
-        data = None
-    try:
-        if data is not None:
-            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        from bnfold.io import save_model
-
-        with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
-            path = Path(folder) / "model.onnx"
-            # Not onnx.save_model(save_as_external_data=True): it rewrites the caller's model in
-            # place to point at the temporary files.
-            save_model(model, path, external_data=True)
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise BnfoldError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}") from None
-
-
-def _run(session, names: list[str], feeds: dict[str, np.ndarray], label: str) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    run_options = ort.RunOptions()
-    run_options.log_severity_level = 4
-    try:
-        return session.run(names, feeds, run_options)
-    except Exception as exc:
-        raise BnfoldError(f"{label}: onnxruntime failed to run the model: {_first_line(exc)}") from None
 
 
 def _check_options(batch: int, threads: int, rtol: float | None, atol: float | None, max_bytes: int) -> None:
@@ -574,7 +458,7 @@ def verify(reference: ModelLike, candidate: ModelLike,
         )
 
     if inputs is None:
-        shapes = {spec.name: _concrete_shape(spec, batch) for spec in specs}
+        shapes = {spec.name: concrete_shape(spec, batch) for spec in specs}
         input_bytes = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
         _check_memory(input_bytes, _output_bytes(ref_model, shared, batch), max_bytes, batch, ref_label, shapes)
         feeds = random_inputs(specs, batch=batch, rng=np.random.default_rng(seed))
