@@ -68,7 +68,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
             keep_failing_unfolded: bool = False, json_path: str | os.PathLike | None = None,
             inputs: str | os.PathLike | Mapping[str, Any] | None = None, rtol: float | None = None,
             atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
-            max_bytes: int = 2 * 1024**3) -> ConvertResult:
+            max_bytes: int = 2 * 1024**3, pins: Mapping[str, Any] | None = None) -> ConvertResult:
     """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.
 
     Parameters
@@ -84,8 +84,10 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         Compare OUT with IN in onnxruntime before writing (``False`` never imports onnxruntime).
     check : bool
         Run ``onnx.checker.check_model(full_check=True)`` on OUT before writing it.
-    decompose_rest, keep_initializer_inputs :
-        Options of `bnfold.folding.fold`.
+    decompose_rest, keep_initializer_inputs, pins :
+        Options of `bnfold.folding.fold`. ``pins`` fixes training-switch inputs
+        (``{"training:0": False}``; ``--set``); OUT is then verified against IN run with those
+        values.
     keep_failing_unfolded : bool
         If verification fails, leave the BNs responsible unfolded and write the verified rest.
     json_path : path, optional
@@ -113,7 +115,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     model, external, size_before, in_bytes = _load(source)
     loaded = time.perf_counter()
 
-    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
+    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs,
+                    "pins": dict(pins or {})}
     folded, report = _fold(model, fold_options)
     fold_done = time.perf_counter()
 
@@ -123,7 +126,9 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     if verify:
         options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
                    "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}")}
-        folded, report, verification = _verify(model, folded, report, fold_options, options,
+        # Pinned switches: the reference is IN run with the pinned values (its own default otherwise).
+        reference = _pinned_reference(model, fold_options["pins"])
+        folded, report, verification = _verify(reference, folded, report, fold_options, options,
                                                keep_failing_unfolded, result)
         verification.reference, verification.candidate = str(source), str(out)
         result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok)
@@ -154,6 +159,12 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     if json_path is not None:
         write_json(json_path, result)
     return ConvertResult(data=result, report=report, verification=verification)
+
+
+def _pinned_reference(model: onnx.ModelProto, pins: Mapping[str, Any]) -> onnx.ModelProto:
+    from bnfold.folding.switches import pinned_reference
+
+    return pinned_reference(model, pins)
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:

@@ -11,7 +11,7 @@ import click
 
 from bnfold.cli import printable
 from bnfold.cli.verify import verification_options, verify_kwargs
-from bnfold.errors import VerificationError
+from bnfold.errors import BnfoldError, VerificationError
 
 __all__ = ["command"]
 
@@ -28,24 +28,41 @@ __all__ = ["command"]
 @click.option("--decompose-rest", is_flag=True, help="Rewrite BNs that cannot be folded as one Mul + Add by constants.")
 @click.option("--keep-initializer-inputs", is_flag=True,
               help="Leave BNs whose parameters are initializers listed as graph inputs unfolded (IR < 4 models).")
+@click.option("--set", "pins", multiple=True, metavar="NAME=VALUE",
+              help="Fix the graph input NAME that selects If branches (a training switch such as tf2onnx's"
+                   " training:0) to VALUE, inline the branches it selects and remove the input; repeatable."
+                   " Inputs with a default (an initializer) are fixed to it without --set.")
 @click.option("--keep-failing-unfolded", is_flag=True,
               help="If verification fails, leave the BNs responsible unfolded and write the (verified) rest.")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Also write a machine-readable report (fold entries, tensor map, verification) to this file.")
 def command(input_path: str, output_path: str | None, force: bool, in_place: bool, no_verify: bool, check: bool,
-            decompose_rest: bool, keep_initializer_inputs: bool, keep_failing_unfolded: bool,
+            decompose_rest: bool, keep_initializer_inputs: bool, pins: tuple[str, ...], keep_failing_unfolded: bool,
             json_path: str | None, **params: Any) -> None:
     """Fold BatchNormalization in the ONNX model IN into its neighbours and write OUT.
 
     OUT is verified against IN in onnxruntime before it is written. Exit code 0 on success,
     1 if verification failed (OUT is then not written), 2 on usage or input errors.
+
+    If nodes whose condition is known are replaced by the branch it selects first: constant
+    conditions, inputs fixed with --set, and graph inputs that have a default value (the
+    training:0 of tf.compat.v1 graphs), which are fixed to it and removed; the report says so.
     """
     from bnfold.conversion import convert
+    from bnfold.folding.switches import parse_pin
+
+    pinned: dict[str, str] = {}
+    for text in pins:
+        name, value = parse_pin(text)
+        if name in pinned:
+            raise BnfoldError(f"--set gives input '{name}' twice")
+        pinned[name] = value
 
     try:
         result = convert(input_path, output_path, force=force, in_place=in_place, verify=not no_verify, check=check,
                          decompose_rest=decompose_rest, keep_initializer_inputs=keep_initializer_inputs,
-                         keep_failing_unfolded=keep_failing_unfolded, json_path=json_path, **verify_kwargs(params))
+                         keep_failing_unfolded=keep_failing_unfolded, json_path=json_path, pins=pinned,
+                         **verify_kwargs(params))
     except VerificationError as exc:
         if exc.report is not None:
             for line in exc.report.lines():
