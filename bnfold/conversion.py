@@ -115,8 +115,9 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     model, external, size_before, in_bytes = _load(source)
     loaded = time.perf_counter()
 
-    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs,
-                    "pins": dict(pins or {})}
+    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
+    if pins:
+        fold_options["pins"] = dict(pins)
     folded, report = _fold(model, fold_options)
     fold_done = time.perf_counter()
 
@@ -127,7 +128,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
                    "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}")}
         # Pinned switches: the reference is IN run with the pinned values (its own default otherwise).
-        reference = _pinned_reference(model, fold_options["pins"])
+        reference = _pinned_reference(model, pins)
         folded, report, verification = _verify(reference, folded, report, fold_options, options,
                                                keep_failing_unfolded, result)
         verification.reference, verification.candidate = str(source), str(out)

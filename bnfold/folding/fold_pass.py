@@ -55,7 +55,7 @@ from bnfold.folding.graph import (
     validate_batchnorm,
 )
 from bnfold.folding.report import FoldEntry, FoldReport
-from bnfold.folding.switches import resolve_switches
+from bnfold.folding.switches import resolve_switches, switch_inputs
 
 __all__ = ["fold", "FoldBatchNormPass", "PATTERN_MODULES", "load_patterns"]
 
@@ -141,6 +141,9 @@ class FoldBatchNormPass:
             model, self.pins, defaults=not self.options.keep_initializer_inputs)
         out = _copy_without_initializers(model)  # rule 1
         report = FoldReport(switches=switches, notes=[switch.line() for switch in switches])
+        for name, ifs in switch_inputs(model).items():
+            report.notes.append(f"input '{name}' decides {len(ifs)} If node(s) and is not fixed: BNs in their branches"
+                                f" stay unfolded; --set {name}=VALUE fixes it")
         ctx = ModelContext(out, self.options, report, original=model)
         main = GraphIndex.for_graph(out.graph, ctx, "main", initializers=model.graph.initializer)
         changed = self._visit_graph(main)

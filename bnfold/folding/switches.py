@@ -70,6 +70,7 @@ __all__ = [
     "parse_pin",
     "pinned_reference",
     "resolve_switches",
+    "switch_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -825,6 +826,10 @@ def resolve_switches(model: onnx.ModelProto, pins: Mapping[str, Any] | None = No
     """
     if not isinstance(model, onnx.ModelProto):
         raise BnfoldError(f"resolve_switches expects an onnx.ModelProto, got {type(model).__name__}")
+    if not _has_if(model.graph):
+        if pins:
+            _pin_arrays(model, pins, {})  # a pin on a model with no If is an error
+        return model, []
     controls = _controls(model)
     pinned = _pin_arrays(model, pins, controls)
     known = dict(_defaults(model, controls)) if defaults else {}
@@ -850,6 +855,25 @@ def resolve_switches(model: onnx.ModelProto, pins: Mapping[str, Any] | None = No
     for record in records:
         log.info("%s", record.line())
     return out, records
+
+
+def _has_if(graph: onnx.GraphProto) -> bool:
+    for node in graph.node:
+        if _is_if(node):
+            return True
+        for attr in node.attribute:
+            if any(_has_if(sub) for sub in attr_graphs(attr)):
+                return True
+    return False
+
+
+def switch_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Main-graph inputs that decide ``If`` conditions -> those ``If`` nodes (``path/node``).
+
+    Cheap (no fold, no run): what `find_switches` starts from, and what the fold pass names
+    when such an input is left unfixed.
+    """
+    return _controls(model) if _has_if(model.graph) else {}
 
 
 def _has_constant_if(model: onnx.ModelProto) -> bool:
