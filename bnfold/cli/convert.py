@@ -11,7 +11,7 @@ import click
 
 from bnfold.cli import printable
 from bnfold.cli.verify import verification_options, verify_kwargs
-from bnfold.errors import BnfoldError, VerificationError
+from bnfold.errors import VerificationError
 
 __all__ = ["command"]
 
@@ -49,14 +49,9 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
     training:0 of tf.compat.v1 graphs), which are fixed to it and removed; the report says so.
     """
     from bnfold.conversion import convert
-    from bnfold.folding.switches import parse_pin
+    from bnfold.folding.switches import parse_pins
 
-    pinned: dict[str, str] = {}
-    for text in pins:
-        name, value = parse_pin(text)
-        if name in pinned:
-            raise BnfoldError(f"--set gives input '{name}' twice")
-        pinned[name] = value
+    pinned = parse_pins(pins)
 
     try:
         result = convert(input_path, output_path, force=force, in_place=in_place, verify=not no_verify, check=check,

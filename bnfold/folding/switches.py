@@ -68,6 +68,7 @@ __all__ = [
     "TrainingSwitch",
     "find_switches",
     "parse_pin",
+    "parse_pins",
     "pinned_reference",
     "resolve_switches",
     "switch_inputs",
@@ -681,6 +682,17 @@ def parse_pin(text: str) -> tuple[str, str]:
     if not sep or not name or not value.strip():
         raise BnfoldError(f"--set expects NAME=VALUE (e.g. training:0=0), got {text!r}")
     return name, value.strip()
+
+
+def parse_pins(texts: Iterable[str]) -> dict[str, str]:
+    """Repeated ``--set NAME=VALUE`` options -> ``{NAME: VALUE}``; a NAME given twice is an error."""
+    pins: dict[str, str] = {}
+    for text in texts:
+        name, value = parse_pin(text)
+        if name in pins:
+            raise BnfoldError(f"--set gives input '{name}' twice")
+        pins[name] = value
+    return pins
 
 
 def _input_info(model: onnx.ModelProto, name: str) -> tuple[np.dtype, tuple[int, ...] | None]:
