@@ -5,6 +5,8 @@
 - `into_producer`: Conv / ConvTranspose / Gemm / MatMul(+Add) -> BN.
 - `into_consumer`: BN -> Conv / Gemm / MatMul.
 - `decomposed`: per-channel Mul / Add / Sub chains (exporters' decomposed BN), ``decompose_rest``.
+- `switches`: If nodes whose condition is known (constants, training-switch inputs such as
+  tf2onnx's ``training:0``) replaced by the selected branch, run first by the fold pass.
 - `fold_pass`: the pass that visits every graph and applies the patterns, in that order.
 - `report`: `FoldReport` / `FoldEntry`, what happened to each BN.
 """
