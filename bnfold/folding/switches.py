@@ -869,10 +869,18 @@ def resolve_switches(model: onnx.ModelProto, pins: Mapping[str, Any] | None = No
     return out, records
 
 
+# Standard operators that hold bodies; other standard nodes are not looked into (the fold pass
+# calls `_has_if` on every model: it must cost nothing on the common model without If).
+_BODY_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def _has_if(graph: onnx.GraphProto) -> bool:
     for node in graph.node:
-        if _is_if(node):
-            return True
+        if node.domain in _DEFAULT_DOMAINS:
+            if node.op_type == "If":
+                return True
+            if node.op_type not in _BODY_OPS:
+                continue
         for attr in node.attribute:
             if any(_has_if(sub) for sub in attr_graphs(attr)):
                 return True
