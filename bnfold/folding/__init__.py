@@ -6,7 +6,8 @@
 - `into_consumer`: BN -> Conv / Gemm / MatMul.
 - `decomposed`: per-channel Mul / Add / Sub chains (exporters' decomposed BN), ``decompose_rest``.
 - `switches`: If nodes whose condition is known (constants, training-switch inputs such as
-  tf2onnx's ``training:0``) replaced by the selected branch, run first by the fold pass.
+  tf2onnx's ``training:0``) replaced by the selected branch, run first by the fold pass;
+  `conditions` evaluates conditions, `inlining` inlines branches and prunes what they leave.
 - `fold_pass`: the pass that visits every graph and applies the patterns, in that order.
 - `report`: `FoldReport` / `FoldEntry`, what happened to each BN.
 """

@@ -56,10 +56,20 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
+from bnfold.folding.conditions import (
+    DEFAULT_DOMAINS,
+    MAX_ELEMENTS,
+    Scope,
+    condition_of,
+    constant_node_value,
+    is_if,
+    is_small,
+)
 from bnfold.folding.graph import attr_graphs, get_attr, node_label, np_dtype, tensor_to_array
+from bnfold.folding.inlining import Resolver, has_if, node_reads, prune
 
 __all__ = [
     "MAX_ELEMENTS",
@@ -76,14 +86,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Largest tensor (in elements) that condition evaluation looks at (rule 2): conditions are
-#: single values; anything bigger is data, not a switch.
-MAX_ELEMENTS = 64
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 # Reductions that compute batch statistics when they reduce over axis 0.
 _REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceVariance")
-
 
 # ---------------------------------------------------------------------------------------------
 # Reports
@@ -216,460 +220,6 @@ class TrainingSwitch:
 
 
 # ---------------------------------------------------------------------------------------------
-# Condition evaluation (rule 2)
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Value:
-    """A tensor as condition evaluation sees it.
-
-    ``array`` is its value, or None if unknown. ``closed`` says whether it is determined by
-    constants and main-graph inputs alone (``deps``), through the ops of rule 2: then knowing
-    ``deps`` makes it known.
-    """
-
-    array: np.ndarray | None
-    deps: frozenset[str] = frozenset()
-    closed: bool = True
-
-
-_UNKNOWN = _Value(None, frozenset(), False)
-
-
-def _small(shape: Iterable[int]) -> bool:
-    return int(np.prod(list(shape), dtype=np.int64)) <= MAX_ELEMENTS
-
-
-def _small_enough(shape: Iterable[int]) -> bool:
-    return int(np.prod(list(shape), dtype=np.int64)) <= _MAX_COMPUTED
-
-
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.ref_attr_name:
-            return None
-        if attr.name == "value" and _small(attr.t.dims):
-            return tensor_to_array(attr.t)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_ints" and len(attr.ints) <= MAX_ELEMENTS:
-            return np.array(list(attr.ints), dtype=np.int64)
-        if attr.name == "value_floats" and len(attr.floats) <= MAX_ELEMENTS:
-            return np.array(list(attr.floats), dtype=np.float32)
-    return None
-
-
-def _single(array: np.ndarray) -> np.ndarray | None:
-    """Shape ops on a single value (all a condition needs): the value as a scalar."""
-    return array.reshape(()) if array.size == 1 else None
-
-
-def _cast(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
-    try:
-        dtype = np_dtype(int(get_attr(node, "to")))
-    except Exception:  # noqa: BLE001 - missing or function-referenced attribute
-        return None
-    return None if dtype is None else args[0].astype(dtype)
-
-
-# op type -> (number of inputs evaluated, function of the node and their values)
-_EVAL = {
-    "Identity": (1, lambda node, a: a[0]),
-    "Cast": (1, _cast),
-    "CastLike": (2, lambda node, a: a[0].astype(a[1].dtype)),
-    "Not": (1, lambda node, a: np.logical_not(a[0])),
-    "Squeeze": (1, lambda node, a: _single(a[0])),
-    "Unsqueeze": (1, lambda node, a: _single(a[0])),
-    "Reshape": (1, lambda node, a: _single(a[0])),
-    "Flatten": (1, lambda node, a: _single(a[0])),
-    "And": (2, lambda node, a: np.logical_and(a[0], a[1])),
-    "Or": (2, lambda node, a: np.logical_or(a[0], a[1])),
-    "Xor": (2, lambda node, a: np.logical_xor(a[0], a[1])),
-    "Equal": (2, lambda node, a: np.equal(a[0], a[1])),
-}
-
-
-class _Scope:
-    """The names one graph defines, for condition evaluation; ``parent`` is the enclosing scope.
-
-    Nodes are registered as the walk reaches them (``define``), so a name is known exactly when
-    a node that reads it may run.
-    """
-
-    def __init__(self, graph: onnx.GraphProto, parent: _Scope | None, known_inputs: Mapping[str, np.ndarray]):
-        self.parent = parent
-        self.main = parent is None
-        self.inputs = {v.name for v in graph.input}
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.producers: dict[str, onnx.NodeProto] = {}
-        self.known_inputs = known_inputs
-        self._cache: dict[str, _Value] = {}
-
-    def define(self, node: onnx.NodeProto) -> None:
-        for name in node.output:
-            if name:
-                self.producers[name] = node
-
-    def value(self, name: str, depth: int = 0) -> _Value:
-        cached = self._cache.get(name)
-        if cached is not None:
-            return cached
-        if depth > 64:
-            return _UNKNOWN
-        if name in self.producers:
-            result = self._evaluate(self.producers[name], depth)
-        elif name in self.inputs:
-            result = self._input(name)
-        elif name in self.initializers:
-            tensor = self.initializers[name]
-            result = _Value(tensor_to_array(tensor)) if _small(tensor.dims) else _UNKNOWN
-        elif self.parent is not None:
-            return self.parent.value(name, depth + 1)
-        else:
-            result = _UNKNOWN
-        self._cache[name] = result
-        return result
-
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of an initializer that is not a graph input, at any size (rule 7)."""
-        if name in self.producers or name in self.inputs:
-            return None
-        if name in self.initializers:
-            tensor = self.initializers[name]
-            return tensor_to_array(tensor) if _small_enough(tensor.dims) else None
-        return self.parent.constant(name) if self.parent is not None else None
-
-    def _input(self, name: str) -> _Value:
-        if not self.main:
-            return _UNKNOWN  # a Loop / Scan body's own input: data
-        return _Value(self.known_inputs.get(name), frozenset([name]), True)
-
-    def _evaluate(self, node: onnx.NodeProto, depth: int) -> _Value:
-        if node.domain not in _DEFAULT_DOMAINS:
-            return _UNKNOWN
-        if node.op_type == "Constant":
-            array = _constant_node_value(node)
-            return _UNKNOWN if array is None else _Value(array)
-        spec = _EVAL.get(node.op_type)
-        if spec is None or len(node.input) < spec[0]:
-            return _UNKNOWN
-        args = [self.value(name, depth + 1) for name in node.input[: spec[0]]]
-        if not all(arg.closed for arg in args):
-            return _UNKNOWN
-        deps = frozenset().union(*(arg.deps for arg in args))
-        if any(arg.array is None for arg in args):
-            return _Value(None, deps, True)
-        try:
-            with np.errstate(all="ignore"):
-                array = spec[1](node, [np.asarray(arg.array) for arg in args])
-        except (TypeError, ValueError):
-            return _UNKNOWN
-        if array is None or not _small(np.shape(array)):
-            return _UNKNOWN
-        return _Value(np.asarray(array), deps, True)
-
-
-# Rule 7: elementwise arithmetic with ONNX's (NumPy's) multidirectional broadcasting.
-_ARITHMETIC = {
-    "Identity": lambda node, a: a[0],
-    "Cast": lambda node, a: _cast(node, a),
-    "Add": lambda node, a: a[0] + a[1],
-    "Sub": lambda node, a: a[0] - a[1],
-    "Mul": lambda node, a: a[0] * a[1],
-    "Div": lambda node, a: a[0] / a[1] if a[0].dtype.kind == "f" else None,
-    "Sqrt": lambda node, a: np.sqrt(a[0]),
-    "Reciprocal": lambda node, a: np.reciprocal(a[0]) if a[0].dtype.kind == "f" else None,
-    "Neg": lambda node, a: np.negative(a[0]),
-}
-#: Largest constant (in elements) rule 7 computes: per-channel vectors, not weight tensors.
-_MAX_COMPUTED = 1 << 20
-
-
-def _condition(scope: _Scope, node: onnx.NodeProto) -> _Value:
-    """The If's condition; known only when it is a single value (the ONNX If contract)."""
-    if not node.input or not node.input[0]:
-        return _UNKNOWN
-    value = scope.value(node.input[0])
-    if value.array is not None and value.array.size != 1:
-        return _UNKNOWN
-    return value
-
-
-def _is_if(node: onnx.NodeProto) -> bool:
-    return node.op_type == "If" and node.domain in _DEFAULT_DOMAINS
-
-
-def _branch(node: onnx.NodeProto, take_then: bool) -> onnx.GraphProto | None:
-    wanted = "then_branch" if take_then else "else_branch"
-    for attr in node.attribute:
-        if attr.name == wanted and attr.type == AttributeProto.GRAPH:
-            return attr.g
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Names
-# ---------------------------------------------------------------------------------------------
-def _definitions(graph: onnx.GraphProto, counts: collections.Counter) -> None:
-    """Count every place a value name is defined, in ``graph`` and all nested bodies."""
-    counts.update(v.name for v in graph.input)
-    counts.update(t.name for t in graph.initializer)
-    counts.update(t.values.name for t in graph.sparse_initializer)
-    for node in graph.node:
-        counts.update(name for name in node.output if name)
-        for attr in node.attribute:
-            for sub in attr_graphs(attr):
-                _definitions(sub, counts)
-
-
-def _local_definitions(graph: onnx.GraphProto) -> set[str]:
-    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    names |= {t.values.name for t in graph.sparse_initializer}
-    for node in graph.node:
-        names.update(name for name in node.output if name)
-    return names
-
-
-def _captured(graph: onnx.GraphProto) -> set[str]:
-    """Names a body reads from enclosing scopes."""
-    defined = _local_definitions(graph)
-    used: set[str] = {v.name for v in graph.output}
-    for node in graph.node:
-        used.update(name for name in node.input if name)
-        for attr in node.attribute:
-            for sub in attr_graphs(attr):
-                used |= _captured(sub)
-    return used - defined
-
-
-def _node_reads(node: onnx.NodeProto) -> list[str]:
-    """Every value a node reads: its inputs and what its bodies capture."""
-    names = [name for name in node.input if name]
-    for attr in node.attribute:
-        for sub in attr_graphs(attr):
-            names.extend(sorted(_captured(sub)))
-    return names
-
-
-def _rename_refs(graph: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
-    """Rename references to outer values in a nested body; a local definition shadows (rule 3)."""
-    mapping = {old: new for old, new in mapping.items() if old not in _local_definitions(graph)}
-    if not mapping:
-        return
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in mapping:
-                node.input[i] = mapping[name]
-        for attr in node.attribute:
-            for sub in attr_graphs(attr):
-                _rename_refs(sub, mapping)
-    for value in graph.output:
-        if value.name in mapping:
-            value.name = mapping[value.name]
-
-
-class _Names:
-    """Fresh value and node names for inlined branches (rule 3)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.counts: collections.Counter = collections.Counter()
-        _definitions(model.graph, self.counts)
-        self.taken = set(self.counts)
-        self._graph_names(model.graph)
-
-    def _graph_names(self, graph: onnx.GraphProto) -> None:
-        self.taken.update(v.name for v in graph.output)
-        self.taken.update(v.name for v in graph.value_info)
-        for node in graph.node:
-            self.taken.update(node.input)
-            if node.name:
-                self.taken.add(node.name)
-            for attr in node.attribute:
-                for sub in attr_graphs(attr):
-                    self._graph_names(sub)
-
-    def fresh(self, hint: str) -> str:
-        candidate, counter = hint or "value", 0
-        while candidate in self.taken:
-            counter += 1
-            candidate = f"{hint}__{counter}"
-        self.taken.add(candidate)
-        return candidate
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolution
-# ---------------------------------------------------------------------------------------------
-class _Resolver:
-    def __init__(self, model: onnx.ModelProto, known_inputs: Mapping[str, np.ndarray]) -> None:
-        self.model = model
-        self.known_inputs = known_inputs
-        self.names = _Names(model)
-        #: values whose readers were removed: the roots of the dead-code search (rule 5)
-        self.released: set[str] = set()
-        #: input name (or None for constants) -> If labels resolved
-        self.resolved: dict[str | None, list[str]] = collections.defaultdict(list)
-        #: outputs of resolved If nodes, and values computed from them (rule 7)
-        self.replaced: set[str] = set()
-
-    def run(self) -> None:
-        self._graph(self.model.graph, _Scope(self.model.graph, None, self.known_inputs), "main")
-
-    def _graph(self, graph: onnx.GraphProto, scope: _Scope, path: str) -> None:
-        """Rule 4: one body, nodes in order; inlined branch nodes are visited like the others."""
-        queue = collections.deque(graph.node)
-        kept: list[onnx.NodeProto] = []
-        while queue:
-            node = queue.popleft()
-            if _is_if(node):
-                condition = _condition(scope, node)
-                branch = None if condition.array is None else _branch(node, bool(condition.array.reshape(-1)[0]))
-                if branch is not None:
-                    label = f"{path}/{node_label(node)}"
-                    for name in condition.deps or (None,):
-                        self.resolved[name].append(label)
-                    self.replaced.update(name for name in node.output if name)
-                    queue.extendleft(reversed(self._inline(node, branch, graph)))
-                    continue
-            if self._compute(node, graph, scope):
-                continue
-            for attr in node.attribute:
-                for sub in attr_graphs(attr):
-                    self._graph(sub, _Scope(sub, scope, self.known_inputs), f"{path}/{node_label(node)}.{attr.name}")
-            scope.define(node)
-            kept.append(node)
-        del graph.node[:]
-        graph.node.extend(kept)
-
-    def _compute(self, node: onnx.NodeProto, graph: onnx.GraphProto, scope: _Scope) -> bool:
-        """Rule 7: replace ``node`` by an initializer if it computes on constants from a resolution."""
-        function = _ARITHMETIC.get(node.op_type)
-        if function is None or node.domain not in _DEFAULT_DOMAINS or len(node.output) != 1:
-            return False
-        if node.output[0] not in self.replaced and not any(name in self.replaced for name in node.input):
-            return False
-        args = [scope.constant(name) for name in node.input]
-        if not args or any(arg is None for arg in args):
-            return False
-        try:
-            with np.errstate(all="ignore"):
-                result = function(node, [np.asarray(arg) for arg in args])
-        except (TypeError, ValueError):
-            return False
-        if result is None or not _small_enough(np.shape(result)):
-            return False
-        result = np.asarray(result)
-        if node.op_type not in ("Cast",) and result.dtype != np.asarray(args[0]).dtype:
-            return False  # NumPy promoted mixed dtypes; ONNX would have refused the model
-        tensor = numpy_helper.from_array(result, node.output[0])
-        graph.initializer.append(tensor)
-        scope.initializers[tensor.name] = tensor
-        self.replaced.add(tensor.name)
-        self.released.update(name for name in node.input if name)
-        return True
-
-    def _inline(self, node: onnx.NodeProto, branch: onnx.GraphProto, graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-        """Rule 3: the nodes that replace ``node``; initializers and value_info move to ``graph``."""
-        self.released.update(_node_reads(node))
-        local = _local_definitions(branch)
-        produced = {name for n in branch.node for name in n.output if name}
-        rename: dict[str, str] = {}
-        bridges: list[tuple[str, str]] = []  # (branch value, If output) needing an Identity
-        for if_out, value in zip(node.output, branch.output):
-            if not if_out:
-                continue
-            if value.name in produced and value.name not in rename:
-                rename[value.name] = if_out
-            else:
-                bridges.append((value.name, if_out))
-        branch_counts: collections.Counter = collections.Counter()
-        _definitions(branch, branch_counts)
-        for name in sorted(local - set(rename)):
-            # Defined elsewhere in the model too (the other branch, an outer scope): rename.
-            if self.names.counts[name] > branch_counts[name]:
-                rename[name] = self.names.fresh(name)
-        nodes = []
-        for original in branch.node:
-            new = onnx.NodeProto()
-            new.CopyFrom(original)
-            for i, name in enumerate(new.input):
-                if name in rename:
-                    new.input[i] = rename[name]
-            for i, name in enumerate(new.output):
-                if name in rename:
-                    new.output[i] = rename[name]
-            for attr in new.attribute:
-                for sub in attr_graphs(attr):
-                    _rename_refs(sub, rename)
-            nodes.append(new)
-        for value, if_out in bridges:
-            nodes.append(helper.make_node("Identity", [rename.get(value, value)], [if_out],
-                                          name=self.names.fresh(f"{node.name or 'If'}/output")))
-        for tensor in branch.initializer:
-            moved = graph.initializer.add()
-            moved.CopyFrom(tensor)
-            moved.name = rename.get(tensor.name, tensor.name)
-        for sparse in branch.sparse_initializer:
-            moved = graph.sparse_initializer.add()
-            moved.CopyFrom(sparse)
-            moved.values.name = rename.get(sparse.values.name, sparse.values.name)
-        present = {v.name for v in graph.value_info}
-        for info in branch.value_info:
-            name = rename.get(info.name, info.name)
-            if name not in present:
-                moved = graph.value_info.add()
-                moved.CopyFrom(info)
-                moved.name = name
-        return nodes
-
-
-def _prune(graph: onnx.GraphProto, released: set[str], protected: set[str]) -> None:
-    """Rule 5: remove nodes and initializers that only fed removed nodes (children first)."""
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in attr_graphs(attr):
-                _prune(sub, released, set())
-    users: collections.Counter = collections.Counter()
-    for node in graph.node:
-        users.update(_node_reads(node))
-    users.update(v.name for v in graph.output)
-    users.update(protected)
-    producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
-    removed: set[int] = set()
-    work = [name for name in released if name in producer]
-    while work:
-        name = work.pop()
-        i = producer.get(name)
-        if i is None or i in removed:
-            continue
-        node = graph.node[i]
-        if any(users[out] for out in node.output if out):
-            continue
-        removed.add(i)
-        for read in _node_reads(node):
-            users[read] -= 1
-            released.add(read)
-            work.append(read)
-    if removed:
-        kept = [node for i, node in enumerate(graph.node) if i not in removed]
-        del graph.node[:]
-        graph.node.extend(kept)
-    inputs = {v.name for v in graph.input}
-    dead = {t.name for t in graph.initializer if t.name in released and not users[t.name] and t.name not in inputs}
-    if dead:
-        kept_init = [t for t in graph.initializer if t.name not in dead]
-        del graph.initializer[:]
-        graph.initializer.extend(kept_init)
-    defined = _local_definitions(graph) | {v.name for v in graph.output}
-    stale = [v for v in graph.value_info if v.name not in defined]
-    if stale:
-        kept_vi = [v for v in graph.value_info if v.name in defined]
-        del graph.value_info[:]
-        graph.value_info.extend(kept_vi)
-
-
-# ---------------------------------------------------------------------------------------------
 # Pins
 # ---------------------------------------------------------------------------------------------
 _TRUE = ("1", "true")
@@ -779,19 +329,19 @@ def _controls(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Main-graph input -> the If nodes whose condition it decides (no value assumed)."""
     found: dict[str, list[str]] = collections.defaultdict(list)
 
-    def visit(graph: onnx.GraphProto, scope: _Scope, path: str) -> None:
+    def visit(graph: onnx.GraphProto, scope: Scope, path: str) -> None:
         for node in graph.node:
-            if _is_if(node):
-                condition = _condition(scope, node)
+            if is_if(node):
+                condition = condition_of(scope, node)
                 if condition.closed and condition.array is None:
                     for name in sorted(condition.deps):
                         found[name].append(f"{path}/{node_label(node)}")
             for attr in node.attribute:
                 for sub in attr_graphs(attr):
-                    visit(sub, _Scope(sub, scope, {}), f"{path}/{node_label(node)}.{attr.name}")
+                    visit(sub, Scope(sub, scope, {}), f"{path}/{node_label(node)}.{attr.name}")
             scope.define(node)
 
-    visit(model.graph, _Scope(model.graph, None, {}), "main")
+    visit(model.graph, Scope(model.graph, None, {}), "main")
     return dict(found)
 
 
@@ -800,7 +350,7 @@ def _defaults(model: onnx.ModelProto, controls: Mapping[str, list[str]]) -> dict
     inputs = {v.name for v in model.graph.input}
     values = {}
     for tensor in model.graph.initializer:
-        if tensor.name in controls and tensor.name in inputs and _small(tensor.dims):
+        if tensor.name in controls and tensor.name in inputs and is_small(tensor.dims):
             array = tensor_to_array(tensor)
             if array.size == 1:
                 values[tensor.name] = array
@@ -838,7 +388,7 @@ def resolve_switches(model: onnx.ModelProto, pins: Mapping[str, Any] | None = No
     """
     if not isinstance(model, onnx.ModelProto):
         raise BnfoldError(f"resolve_switches expects an onnx.ModelProto, got {type(model).__name__}")
-    if not _has_if(model.graph):
+    if not has_if(model.graph):
         if pins:
             _pin_arrays(model, pins, {})  # a pin on a model with no If is an error
         return model, []
@@ -850,12 +400,12 @@ def resolve_switches(model: onnx.ModelProto, pins: Mapping[str, Any] | None = No
         return model, []
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    resolver = _Resolver(out, known)
+    resolver = Resolver(out, known)
     resolver.run()
     if not resolver.resolved:
         return model, []
     used_inputs = [name for name in resolver.resolved if name is not None]
-    _prune(out.graph, resolver.released, set())
+    prune(out.graph, resolver.released, set())
     records = []
     for name in sorted(used_inputs, key=lambda n: (n not in pinned, n)):
         kept = _retire_input(out.graph, name, known[name])
@@ -869,22 +419,6 @@ def resolve_switches(model: onnx.ModelProto, pins: Mapping[str, Any] | None = No
     return out, records
 
 
-# Standard operators that hold bodies; other standard nodes are not looked into (the fold pass
-# calls `_has_if` on every model: it must cost nothing on the common model without If).
-_BODY_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-
-
-def _has_if(graph: onnx.GraphProto) -> bool:
-    for node in graph.node:
-        if node.domain in _DEFAULT_DOMAINS:
-            if node.op_type == "If":
-                return True
-            if node.op_type not in _BODY_OPS:
-                continue
-        for attr in node.attribute:
-            if any(_has_if(sub) for sub in attr_graphs(attr)):
-                return True
-    return False
 
 
 def switch_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -893,26 +427,26 @@ def switch_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
     Cheap (no fold, no run): what `find_switches` starts from, and what the fold pass names
     when such an input is left unfixed.
     """
-    return _controls(model) if _has_if(model.graph) else {}
+    return _controls(model) if has_if(model.graph) else {}
 
 
 def _has_constant_if(model: onnx.ModelProto) -> bool:
     found = False
 
-    def visit(graph: onnx.GraphProto, scope: _Scope) -> None:
+    def visit(graph: onnx.GraphProto, scope: Scope) -> None:
         nonlocal found
         for node in graph.node:
             if found:
                 return
-            if _is_if(node) and _condition(scope, node).array is not None:
+            if is_if(node) and condition_of(scope, node).array is not None:
                 found = True
                 return
             for attr in node.attribute:
                 for sub in attr_graphs(attr):
-                    visit(sub, _Scope(sub, scope, {}))
+                    visit(sub, Scope(sub, scope, {}))
             scope.define(node)
 
-    visit(model.graph, _Scope(model.graph, None, {}))
+    visit(model.graph, Scope(model.graph, None, {}))
     return found
 
 
@@ -923,7 +457,7 @@ def _retire_input(graph: onnx.GraphProto, name: str, value: np.ndarray) -> bool:
     graph.input.extend(kept_inputs)
     still_read = name in {v.name for v in graph.output}
     for node in graph.node:
-        if name in _node_reads(node):
+        if name in node_reads(node):
             still_read = True
             break
     others = [t for t in graph.initializer if t.name != name]
@@ -1004,10 +538,10 @@ def _batch_statistics(model: onnx.ModelProto) -> tuple[int, int]:
         constants = {t.name: t for t in graph.initializer}
         outputs = {out: node for node in graph.node for out in node.output}
         for node in graph.node:
-            if node.domain in _DEFAULT_DOMAINS and node.op_type in _REDUCTIONS and _reduces_axis0(
+            if node.domain in DEFAULT_DOMAINS and node.op_type in _REDUCTIONS and _reduces_axis0(
                     node, constants, outputs):
                 reductions += 1
-            if node.domain in _DEFAULT_DOMAINS and node.op_type == "BatchNormalization":
+            if node.domain in DEFAULT_DOMAINS and node.op_type == "BatchNormalization":
                 mode = get_attr(node, "training_mode", 0) if not any(a.ref_attr_name for a in node.attribute) else 0
                 if int(mode) or any(node.output[1:]):
                     training += 1
@@ -1030,7 +564,7 @@ def _reduces_axis0(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProt
         if source in constants:
             axes = tensor_to_array(constants[source]).tolist()
         elif source in outputs and outputs[source].op_type == "Constant":
-            array = _constant_node_value(outputs[source])
+            array = constant_node_value(outputs[source])
             axes = None if array is None else np.asarray(array).reshape(-1).tolist()
         else:
             return False  # axes computed at run time: unknown
