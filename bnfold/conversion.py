@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,12 @@ from bnfold.errors import BnfoldError, VerificationError
 from bnfold.io.files import serialized_size
 from bnfold.io.writing import write_json
 
-__all__ = ["convert", "ConvertResult"]
+__all__ = ["convert", "ConvertResult", "NO_BATCHNORM"]
+
+NO_BATCHNORM = ("no BatchNormalization: nothing to fold (PyTorch's and tf2onnx's exporters fold Conv+BN"
+                " themselves by default)")
+# Kept BNs whose reasons differ only in the names they quote are summarized on one line.
+_QUOTED = re.compile(r"'[^']*'")
 
 # Protobuf refuses to serialize messages of 2 GiB or more; leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 2**24
@@ -57,16 +63,26 @@ class ConvertResult:
     def ok(self) -> bool:
         return bool(self.data["ok"])
 
-    def lines(self) -> list[str]:
-        """The human-readable summary ``bnfold convert`` prints."""
-        return _summary_lines(self.data, self.report)
+    def lines(self, *, verbose: bool = False) -> list[str]:
+        """The human-readable summary ``bnfold convert`` prints (``verbose``: every BN by name)."""
+        return _summary_lines(self.data, self.report, verbose=verbose)
+
+    def final_line(self) -> str:
+        """One line: IN -> OUT, the BN count and the verdict (what ``bnfold -q convert`` prints)."""
+        data = self.data
+        text = f"{data['input']} -> {data['output']}: "
+        text += "no BatchNormalization" if not data["bn_total"] else f"BN folded {data['bn_folded']} of {data['bn_total']}"
+        if data["verification"] is None:
+            return text + ", verification skipped"
+        verdict = "equivalent" if data["verification"]["ok"] else "NOT equivalent"
+        return text + f", max abs error {data['max_abs_error']:.3g}: {verdict}"
 
 
 def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
             force: bool = False, in_place: bool = False, verify: bool = True, check: bool = False,
             decompose_rest: bool = False, keep_initializer_inputs: bool = False,
             keep_failing_unfolded: bool = False, json_path: str | os.PathLike | None = None,
-            inputs: str | os.PathLike | Mapping[str, Any] | None = None, rtol: float | None = None,
+            inline_functions: bool = False, inputs: str | os.PathLike | Mapping[str, Any] | None = None, rtol: float | None = None,
             atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
             max_bytes: int = 2 * 1024**3) -> ConvertResult:
     """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.
@@ -84,7 +100,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         Compare OUT with IN in onnxruntime before writing (``False`` never imports onnxruntime).
     check : bool
         Run ``onnx.checker.check_model(full_check=True)`` on OUT before writing it.
-    decompose_rest, keep_initializer_inputs :
+    decompose_rest, keep_initializer_inputs, inline_functions :
         Options of `bnfold.folding.fold`.
     keep_failing_unfolded : bool
         If verification fails, leave the BNs responsible unfolded and write the verified rest.
@@ -113,7 +129,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     model, external, size_before, in_bytes = _load(source)
     loaded = time.perf_counter()
 
-    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
+    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs,
+                    "inline_functions": inline_functions}
     folded, report = _fold(model, fold_options)
     fold_done = time.perf_counter()
 
@@ -133,6 +150,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         "bn_total": report.total,
         "fold": report.to_dict(),
         "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
+        "kept_by_reason": {reason: names for reason, names in _kept_by_reason(report).items()},
         "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
         "size_bytes": {"before": size_before, "after": None},
     })
@@ -250,13 +268,41 @@ def _human(size: int) -> str:
     return f"{size / 1024**3:.2f} GiB"
 
 
-def _summary_lines(result: dict[str, Any], report: Any) -> list[str]:
+def _kept_by_reason(report: Any) -> dict[str, list[str]]:
+    """Kept BNs by their reason with quoted names blanked out (``'...'``), in report order."""
+    groups: dict[str, list[str]] = {}
+    for entry in report.entries:
+        if entry.status == "kept":
+            groups.setdefault(_QUOTED.sub("'...'", entry.reason or ""), []).append(entry.bn)
+    return groups
+
+
+def _kept_lines(report: Any, verbose: bool) -> list[str]:
+    """One line per kept BN, except that a reason shared by several BNs gets one line with the count."""
+    kept = [entry for entry in report.entries if entry.status == "kept"]
+    if verbose:
+        return [entry.line() for entry in report.entries]
+    lines = []
+    groups = _kept_by_reason(report)
+    for reason, names in groups.items():
+        if len(names) == 1:
+            lines += [entry.line() for entry in kept if entry.bn == names[0] and
+                      _QUOTED.sub("'...'", entry.reason or "") == reason]
+        else:
+            lines.append(f"kept {len(names)} BatchNormalization: {reason} (names with --verbose or --json)")
+    return lines
+
+
+def _summary_lines(result: dict[str, Any], report: Any, *, verbose: bool = False) -> list[str]:
     lines = [f"{result['input']} -> {result['output']}"]
-    line = f"BN folded {report.folded} of {report.total}"
-    if report.decomposed:
-        line += f" ({report.decomposed} decomposed into Mul + Add)"
-    lines.append(line)
-    lines += [entry.line() for entry in report.entries if entry.status == "kept"]
+    if report.total == 0:
+        lines.append(NO_BATCHNORM)
+    else:
+        line = f"BN folded {report.folded} of {report.total}"
+        if report.decomposed:
+            line += f" ({report.decomposed} decomposed into Mul + Add)"
+        lines.append(line)
+    lines += _kept_lines(report, verbose)
     lines += [f"note: {note}" for note in report.notes]
     if report.subnormals_flushed:
         lines.append(f"note: {report.subnormals_flushed} subnormal folded values flushed to zero")

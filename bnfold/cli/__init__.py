@@ -7,6 +7,7 @@ Errors are converted once, here: a `BnfoldError` or a click usage error becomes 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -49,8 +50,25 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="bnfold")
-def cli() -> None:
-    """Batch normalization done right, and exact BN folding for ONNX models."""
+@click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and each command's final line.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print details: every BatchNormalization by name, log messages.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
+    """Batch normalization done right, and exact BN folding for ONNX models.
+
+    Run `bnfold COMMAND --help` for the options of a command.
+    """
+    from bnfold.cli.output import NORMAL, QUIET, VERBOSE, set_verbosity
+
+    if quiet and verbose:
+        raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
+    set_verbosity(ctx, QUIET if quiet else VERBOSE if verbose else NORMAL)
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger = logging.getLogger("bnfold")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def printable(text: str) -> str:
@@ -77,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # Plain `bnfold`: the usual multi-line help on stdout, exit 0 (nothing went wrong).
+        click.echo(exc.ctx.get_help())
+        sys.exit(0)
     except click.exceptions.Abort:
         _fail("aborted", 2)
     except click.ClickException as exc:

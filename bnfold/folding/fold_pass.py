@@ -83,6 +83,7 @@ def fold(
     decompose_rest: bool = False,
     keep_initializer_inputs: bool = False,
     exclude: Collection[str] = (),
+    inline_functions: bool = False,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every BatchNormalization of ``model`` that can be folded exactly.
 
@@ -97,6 +98,9 @@ def fold(
         kept) instead of constants.
     exclude : collection of str
         Names of BN nodes to leave unfolded (reason ``"excluded"``).
+    inline_functions : bool
+        Inline model-local functions first (`bnfold.folding.functions`), so that BNs inside them
+        fold; otherwise the reason of a BN kept inside a function points to this option.
 
     Returns
     -------
@@ -107,7 +111,17 @@ def fold(
         keep_initializer_inputs=keep_initializer_inputs,
         exclude=frozenset(exclude),
     )
-    return FoldBatchNormPass(options).run(model)
+    from bnfold.folding import functions
+
+    inlined: list[str] = []
+    if inline_functions:
+        model, inlined = functions.inline_functions(model)
+    folded, report = FoldBatchNormPass(options).run(model)
+    if inlined:
+        report.notes.insert(0, f"inlined {len(inlined)} model-local function(s): {', '.join(inlined)}")
+    else:
+        functions.hint_inline(report)
+    return folded, report
 
 
 class FoldBatchNormPass:
@@ -341,7 +355,7 @@ def _cleanup(model: onnx.ModelProto, ctx: ModelContext, dead: set[str], removed:
             model.graph.input.extend(kept)
             names = ", ".join(f"'{v.name}'" for v in inputs[:5]) + (" ..." if len(inputs) > 5 else "")
             ctx.report.notes.append(
-                f"removed {len(inputs)} folded initializer(s) from the graph inputs: {names}"
+                f"removed {len(inputs)} graph inputs backed by initializers whose values were folded: {names}"
             )
         stale = [vi for vi in model.graph.value_info if vi.name in gone]
         if stale:
