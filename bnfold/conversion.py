@@ -26,13 +26,12 @@ from typing import Any
 import onnx
 
 from bnfold.errors import BnfoldError, VerificationError
+from bnfold.folding.report import NO_BATCHNORM
 from bnfold.io.files import serialized_size
 from bnfold.io.writing import write_json
 
 __all__ = ["convert", "ConvertResult", "NO_BATCHNORM"]
 
-NO_BATCHNORM = ("no BatchNormalization: nothing to fold (PyTorch's and tf2onnx's exporters fold Conv+BN"
-                " themselves by default)")
 # Kept BNs whose reasons differ only in the names they quote are summarized on one line.
 _QUOTED = re.compile(r"'[^']*'")
 
