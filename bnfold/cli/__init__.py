@@ -67,8 +67,15 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         logger = logging.getLogger("bnfold")
+        previous_level = logger.level
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+        def restore() -> None:  # main() may run several times in one process (tests, embedding)
+            logger.removeHandler(handler)
+            logger.setLevel(previous_level)
+
+        ctx.call_on_close(restore)
 
 
 def printable(text: str) -> str:
