@@ -81,7 +81,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
             force: bool = False, in_place: bool = False, verify: bool = True, check: bool = False,
             decompose_rest: bool = False, keep_initializer_inputs: bool = False,
             keep_failing_unfolded: bool = False, json_path: str | os.PathLike | None = None,
-            inline_functions: bool = False, inputs: str | os.PathLike | Mapping[str, Any] | None = None, rtol: float | None = None,
+            inline_functions: bool = False, inputs: str | os.PathLike | Mapping[str, Any] | None = None,
+            rtol: float | None = None,
             atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
             max_bytes: int = 2 * 1024**3) -> ConvertResult:
     """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.

@@ -29,7 +29,8 @@ def require_matplotlib(option: str = "--plot") -> None:
     except (ImportError, ValueError):
         found = False
     if not found:
-        raise BnfoldError(f"{option} needs matplotlib, which is in the optional extra 'plot': pip install 'bnfold[plot]'")
+        raise BnfoldError(f"{option} needs matplotlib, which is in the optional extra 'plot':"
+                          " pip install 'bnfold[plot]'")
 
 
 def new_figure(ncols: int = 1, *, width: float = 5.0, height: float = 3.8) -> tuple[Any, list[Any]]:

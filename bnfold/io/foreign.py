@@ -36,9 +36,11 @@ def foreign_format_hint(path: Path) -> str | None:
         return (f"{path}: a TensorFlow graph (frozen GraphDef), not an ONNX file: convert it first with"
                 f" python -m tf2onnx.convert --graphdef {path} --inputs NAME:0 --outputs NAME:0 --output model.onnx")
     if suffix == ".tflite":
-        return f"{path}: a TensorFlow Lite model, not an ONNX file: python -m tf2onnx.convert --tflite {path} --output model.onnx"
+        return (f"{path}: a TensorFlow Lite model, not an ONNX file: convert it first with"
+                f" python -m tf2onnx.convert --tflite {path} --output model.onnx")
     if suffix in (".pt", ".pth", ".pt2", ".ckpt", ".bin", ".safetensors"):
         return f"{path}: a PyTorch file, not an ONNX file: {_TORCH_EXPORT}"
     if suffix == ".npz":
-        return f"{path}: not an ONNX file; a checkpoint of `bnfold train` becomes one with: bnfold export {path} -o model.onnx"
+        return (f"{path}: not an ONNX file; a checkpoint of `bnfold train` becomes one with:"
+                f" bnfold export {path} -o model.onnx")
     return None

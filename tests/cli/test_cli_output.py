@@ -30,7 +30,8 @@ def _bn(prefix: str, x: str, y: str, channels: int, rng: np.random.Generator):
 
 def _model(nodes, inits, channels_out, *, inputs=None, functions=(), opsets=()):
     inputs = inputs or [helper.make_tensor_value_info("x", F32, ["N", 4, 5, 5])]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", F32, ["N", channels_out, 5, 5])], inits)
+    outputs = [helper.make_tensor_value_info("y", F32, ["N", channels_out, 5, 5])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets], functions=list(functions))
     model.ir_version = 8
     onnx.checker.check_model(model)
