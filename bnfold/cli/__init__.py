@@ -45,7 +45,48 @@ class _LazyGroup(click.Group):
         module = _COMMANDS.get(cmd_name)
         if module is None:
             return None
-        return importlib.import_module(f"bnfold.cli.{module}").command
+        command = importlib.import_module(f"bnfold.cli.{module}").command
+        _add_verbosity_options(command)
+        return command
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    from bnfold.cli.output import NORMAL, QUIET, VERBOSE, set_verbosity, verbosity
+
+    if not value:
+        return
+    wanted = QUIET if param.name == "quiet" else VERBOSE
+    if verbosity() not in (NORMAL, wanted):
+        raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
+    set_verbosity(ctx, wanted)
+    if wanted == VERBOSE:
+        _log_to_stderr(ctx)
+
+
+def _add_verbosity_options(command: click.Command) -> None:
+    """Accept -q/-v after the command name too (`bnfold convert IN -o OUT -v`), as before it."""
+    if any(param.name in ("quiet", "verbose") for param in command.params):
+        return
+    for name, flags, text in (("quiet", ("-q", "--quiet"), "Print only warnings, errors and the final line."),
+                              ("verbose", ("-v", "--verbose"), "Also print details (every BN by name, log messages).")):
+        command.params.append(click.Option([*flags, name], is_flag=True, expose_value=False, is_eager=True,
+                                           callback=_set_verbosity, help=text))
+
+
+def _log_to_stderr(ctx: click.Context) -> None:
+    """Show bnfold's INFO log messages on stderr for the rest of this invocation."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("bnfold")
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def restore() -> None:  # main() may run several times in one process (tests, embedding)
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+    ctx.call_on_close(restore)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,18 +105,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
         raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
     set_verbosity(ctx, QUIET if quiet else VERBOSE if verbose else NORMAL)
     if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logger = logging.getLogger("bnfold")
-        previous_level = logger.level
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-        def restore() -> None:  # main() may run several times in one process (tests, embedding)
-            logger.removeHandler(handler)
-            logger.setLevel(previous_level)
-
-        ctx.call_on_close(restore)
+        _log_to_stderr(ctx)
 
 
 def printable(text: str) -> str:

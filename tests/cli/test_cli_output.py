@@ -246,3 +246,15 @@ def test_inline_functions_api():
     assert_equivalent(model, folded)
     _, report = bnfold.fold(model)
     assert report.folded == 0 and "inline_functions=True" in report.entries[0].reason
+
+
+def test_quiet_and_verbose_also_after_the_command(capsys, saved, tmp_path):
+    path = saved(densenet_like(2, np.random.default_rng(12)))
+    out_path = str(tmp_path / "out.onnx")
+    code, out, _ = run_cli(capsys, "convert", path, "-o", out_path, "-q")
+    assert code == 0 and len(out.splitlines()) == 1
+    code, out, err = run_cli(capsys, "convert", path, "-o", out_path, "--force", "--verbose")
+    assert code == 0 and "BatchNormalization 'bn1': kept:" in out
+    assert "bnfold.folding.fold_pass: folded 1 of 3" in err  # the log, on stderr
+    code, _, err = run_cli(capsys, "-q", "convert", path, "-o", out_path, "--force", "-v")
+    assert code == 2 and "exclude each other" in err
