@@ -5,14 +5,17 @@
    checkpoint), with only the base install: importing an extra (torch, keras, tensorflow, matplotlib,
    dask, ...) fails as if it were not installed. The whole sequence runs twice in that folder, so a
    block that writes a file must overwrite it explicitly.
-2. Each ```py block (an example that needs an extra) runs the same way with the extras available;
-   a block importing a package that is not installed here is skipped, naming the package.
+2. Each ```py block (an example that needs an extra) runs once the same way, with the extras
+   available, in a second folder seeded like rule 1; a block importing a package that is not
+   installed here is skipped, naming the package.
 3. Shell examples: in ```sh blocks every line that is not empty or a comment is a command; in
    ```console blocks the lines starting with ``$ `` are (the other lines are output). A line ending
    in a backslash continues on the next. Commands run once, in README order, with ``sh`` in their
    own folder seeded like rule 1, with only the base install, and must exit 0, or N when the line
-   ends with the comment ``# exit N``. A fence whose info string holds ``not-run`` (```sh not-run)
-   is not run: installs, CI commands, and commands that need a framework or network.
+   ends with the comment ``# exit N``. A fence whose info string holds ``extras`` (```sh extras)
+   runs instead with the extras available, in the folder of rule 2, in README order among the
+   ```py blocks (so it may use their files). A fence whose info string holds ``not-run``
+   (```sh not-run) is not run: installs, CI commands, commands that need TensorFlow or a network.
 4. Plain ``` blocks (outputs, formulas) are not run.
 """
 
@@ -122,9 +125,14 @@ def shell_commands(block: Block) -> list[Command]:
 
 BLOCKS = readme_blocks()
 PYTHON = [b for b in BLOCKS if b.lang == "python"]
-PY_EXTRAS = [b for b in BLOCKS if b.lang == "py"]
-SHELL = [(b, c) for b in BLOCKS if b.lang in ("sh", "console") and "not-run" not in b.info.split()
-         for c in shell_commands(b)]
+
+def _shell(block: Block, tag: str | None) -> bool:
+    words = block.info.split()
+    return block.lang in ("sh", "console") and "not-run" not in words and (tag in words if tag else "extras" not in words)
+
+
+PY_EXTRAS = [b for b in BLOCKS if b.lang == "py" or _shell(b, "extras")]
+SHELL = [(b, c) for b in BLOCKS if _shell(b, None) for c in shell_commands(b)]
 
 
 def default_model() -> Path:
@@ -208,22 +216,31 @@ def extras_folder(tmp_path_factory, checkpoint) -> Path:
 
 @pytest.mark.parametrize("block", PY_EXTRAS, ids=[b.label for b in PY_EXTRAS])
 def test_py_blocks_run_with_extras(tmp_path, extras_folder, block):
+    env = _env(tmp_path, block_extras=False)
+    if block.lang != "py":
+        for command in shell_commands(block):
+            _run_shell(command, extras_folder, env)
+        return
     missing = _missing_imports(block)
     if missing:
         pytest.skip(f"{block.label} needs {', '.join(missing)}, not installed here")
-    _run_python(block, extras_folder, _env(tmp_path, block_extras=False), 1)
+    _run_python(block, extras_folder, env, 1)
+
+
+def _run_shell(command: Command, folder: Path, env: dict[str, str]) -> None:
+    result = subprocess.run(["sh", "-c", command.text], cwd=folder, env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == command.exit_code, (
+        f"README.md:{command.line}: `{command.text}` exited {result.returncode}, expected {command.exit_code}\n"
+        f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+    )
 
 
 def test_shell_examples_run(tmp_path, checkpoint):
     folder = _seed(tmp_path / "work", checkpoint)
     env = _env(tmp_path, block_extras=True)
     for _, command in SHELL:
-        result = subprocess.run(["sh", "-c", command.text], cwd=folder, env=env, capture_output=True, text=True,
-                                timeout=TIMEOUT)
-        assert result.returncode == command.exit_code, (
-            f"README.md:{command.line}: `{command.text}` exited {result.returncode}, expected {command.exit_code}\n"
-            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
-        )
+        _run_shell(command, folder, env)
 
 
 def test_shell_rules_parse_as_documented():

@@ -156,7 +156,7 @@ def command(
     runs = []
     for value in momenta:
         bn_momentum = _DEFAULT_MOMENTUM[convention] if value is None else None if value == _CUMULATIVE else value
-        model, history = _train_one(bn_momentum, **settings)
+        model, history = _train_one(bn_momentum, several=len(momenta) > 1, **settings)
         runs.append((bn_momentum, model, history))
 
     results = []
@@ -180,7 +180,7 @@ def command(
     out.final("; ".join(results))
 
 
-def _train_one(bn_momentum: float | None, *, epochs: int, batch_size: int, optimizer: str, lr: float,
+def _train_one(bn_momentum: float | None, *, several: bool, epochs: int, batch_size: int, optimizer: str, lr: float,
                sgd_momentum: float, convention: str, sizes: tuple[int, ...], activation: str, seed: int):
     """Train one model, printing a line per epoch; returns it with its `EpochResult` history."""
     import numpy as np
@@ -224,7 +224,7 @@ def _train_one(bn_momentum: float | None, *, epochs: int, batch_size: int, optim
     ev = last.evaluation
     if ev.population - ev.moving > _LAG_WARNING:
         out.warn(
-            f"moving statistics trail recomputed ones by {100 * (ev.population - ev.moving):.1f} points of test"
+            (f"momentum {bn_momentum}: " if several else "") + f"moving statistics trail recomputed ones by {100 * (ev.population - ev.moving):.1f} points of test"
             f" accuracy: the moving averages have not caught up with the network after {last.steps} steps; train"
             " longer, use a faster average (keras: lower --momentum; torch: higher), or pass --recompute-stats"
         )
