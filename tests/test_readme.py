@@ -258,3 +258,13 @@ def test_shell_rules_parse_as_documented():
     ]
     sh = Block("sh", "", 1, "# a comment\nbnfold train -o x.npz   # trains\n\nbnfold export x.npz \\\n  -o y.onnx\n")
     assert [(c.line, c.exit_code) for c in shell_commands(sh)] == [(3, 0), (5, 0)]
+
+
+def test_a_failing_example_fails_the_test(tmp_path):
+    """The harness's own failure path: a command with the wrong exit code and a raising block fail."""
+    env = _env(tmp_path, block_extras=True)
+    with pytest.raises(AssertionError, match="exited 2, expected 0"):
+        _run_shell(Command(1, "bnfold convert missing.onnx -o out.onnx", 0), tmp_path, env)
+    _run_shell(Command(1, "bnfold convert missing.onnx -o out.onnx   # exit 2", 2), tmp_path, env)
+    with pytest.raises(AssertionError, match="failed with exit 1"):
+        _run_python(Block("python", "", 1, "import torch\n"), tmp_path, env, 1)
