@@ -150,7 +150,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         "bn_total": report.total,
         "fold": report.to_dict(),
         "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
-        "kept_by_reason": {reason: names for reason, names in _kept_by_reason(report).items()},
+        "kept_by_reason": _kept_by_reason(report),
         "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
         "size_bytes": {"before": size_before, "after": None},
     })
@@ -268,28 +268,31 @@ def _human(size: int) -> str:
     return f"{size / 1024**3:.2f} GiB"
 
 
-def _kept_by_reason(report: Any) -> dict[str, list[str]]:
-    """Kept BNs by their reason with quoted names blanked out (``'...'``), in report order."""
-    groups: dict[str, list[str]] = {}
+def _kept_groups(report: Any) -> dict[str, list[Any]]:
+    """Kept entries by their reason with quoted names blanked out (``'...'``), in report order."""
+    groups: dict[str, list[Any]] = {}
     for entry in report.entries:
         if entry.status == "kept":
-            groups.setdefault(_QUOTED.sub("'...'", entry.reason or ""), []).append(entry.bn)
+            groups.setdefault(_QUOTED.sub("'...'", entry.reason or ""), []).append(entry)
     return groups
 
 
-def _kept_lines(report: Any, verbose: bool) -> list[str]:
-    """One line per kept BN, except that a reason shared by several BNs gets one line with the count."""
-    kept = [entry for entry in report.entries if entry.status == "kept"]
+def _kept_by_reason(report: Any) -> dict[str, list[str]]:
+    """The names of the kept BNs by reason (``--json``'s ``kept_by_reason``)."""
+    return {reason: [entry.bn for entry in entries] for reason, entries in _kept_groups(report).items()}
+
+
+def _entry_lines(report: Any, verbose: bool) -> list[str]:
+    """Verbose: one line per BN. Otherwise one line per kept BN, except that a reason shared by
+    several BNs gets one line with the count."""
     if verbose:
         return [entry.line() for entry in report.entries]
     lines = []
-    groups = _kept_by_reason(report)
-    for reason, names in groups.items():
-        if len(names) == 1:
-            lines += [entry.line() for entry in kept if entry.bn == names[0] and
-                      _QUOTED.sub("'...'", entry.reason or "") == reason]
+    for reason, entries in _kept_groups(report).items():
+        if len(entries) == 1:
+            lines.append(entries[0].line())
         else:
-            lines.append(f"kept {len(names)} BatchNormalization: {reason} (names with --verbose or --json)")
+            lines.append(f"kept {len(entries)} BatchNormalization: {reason} (names with --verbose or --json)")
     return lines
 
 
@@ -302,7 +305,7 @@ def _summary_lines(result: dict[str, Any], report: Any, *, verbose: bool = False
         if report.decomposed:
             line += f" ({report.decomposed} decomposed into Mul + Add)"
         lines.append(line)
-    lines += _kept_lines(report, verbose)
+    lines += _entry_lines(report, verbose)
     lines += [f"note: {note}" for note in report.notes]
     if report.subnormals_flushed:
         lines.append(f"note: {report.subnormals_flushed} subnormal folded values flushed to zero")

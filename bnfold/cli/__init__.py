@@ -56,7 +56,9 @@ def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> N
     if not value:
         return
     wanted = QUIET if param.name == "quiet" else VERBOSE
-    if verbosity() not in (NORMAL, wanted):
+    if verbosity() == wanted:  # given before the command name already
+        return
+    if verbosity() != NORMAL:
         raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
     set_verbosity(ctx, wanted)
     if wanted == VERBOSE:
