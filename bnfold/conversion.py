@@ -70,7 +70,8 @@ class ConvertResult:
         """One line: IN -> OUT, the BN count and the verdict (what ``bnfold -q convert`` prints)."""
         data = self.data
         text = f"{data['input']} -> {data['output']}: "
-        text += "no BatchNormalization" if not data["bn_total"] else f"BN folded {data['bn_folded']} of {data['bn_total']}"
+        total = data["bn_total"]
+        text += f"BN folded {data['bn_folded']} of {total}" if total else "no BatchNormalization"
         if data["verification"] is None:
             return text + ", verification skipped"
         verdict = "equivalent" if data["verification"]["ok"] else "NOT equivalent"

@@ -128,7 +128,9 @@ PYTHON = [b for b in BLOCKS if b.lang == "python"]
 
 def _shell(block: Block, tag: str | None) -> bool:
     words = block.info.split()
-    return block.lang in ("sh", "console") and "not-run" not in words and (tag in words if tag else "extras" not in words)
+    if block.lang not in ("sh", "console") or "not-run" in words:
+        return False
+    return tag in words if tag else "extras" not in words
 
 
 PY_EXTRAS = [b for b in BLOCKS if b.lang == "py" or _shell(b, "extras")]

@@ -94,7 +94,7 @@ def _log_to_stderr(ctx: click.Context) -> None:
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="bnfold")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and each command's final line.")
-@click.option("-v", "--verbose", is_flag=True, help="Also print details: every BatchNormalization by name, log messages.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print details: every BN by name, log messages.")
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """Batch normalization done right, and exact BN folding for ONNX models.
