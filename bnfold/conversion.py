@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,10 +26,14 @@ from typing import Any
 import onnx
 
 from bnfold.errors import BnfoldError, VerificationError
+from bnfold.folding.report import NO_BATCHNORM
 from bnfold.io.files import serialized_size
 from bnfold.io.writing import write_json
 
-__all__ = ["convert", "ConvertResult"]
+__all__ = ["convert", "ConvertResult", "NO_BATCHNORM"]
+
+# Kept BNs whose reasons differ only in the names they quote are summarized on one line.
+_QUOTED = re.compile(r"'[^']*'")
 
 # Protobuf refuses to serialize messages of 2 GiB or more; leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 2**24
@@ -57,16 +62,28 @@ class ConvertResult:
     def ok(self) -> bool:
         return bool(self.data["ok"])
 
-    def lines(self) -> list[str]:
-        """The human-readable summary ``bnfold convert`` prints."""
-        return _summary_lines(self.data, self.report)
+    def lines(self, *, verbose: bool = False) -> list[str]:
+        """The human-readable summary ``bnfold convert`` prints (``verbose``: every BN by name)."""
+        return _summary_lines(self.data, self.report, verbose=verbose)
+
+    def final_line(self) -> str:
+        """One line: IN -> OUT, the BN count and the verdict (what ``bnfold -q convert`` prints)."""
+        data = self.data
+        text = f"{data['input']} -> {data['output']}: "
+        total = data["bn_total"]
+        text += f"BN folded {data['bn_folded']} of {total}" if total else "no BatchNormalization"
+        if data["verification"] is None:
+            return text + ", verification skipped"
+        verdict = "equivalent" if data["verification"]["ok"] else "NOT equivalent"
+        return text + f", max abs error {data['max_abs_error']:.3g}: {verdict}"
 
 
 def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
             force: bool = False, in_place: bool = False, verify: bool = True, check: bool = False,
             decompose_rest: bool = False, keep_initializer_inputs: bool = False,
             keep_failing_unfolded: bool = False, json_path: str | os.PathLike | None = None,
-            inputs: str | os.PathLike | Mapping[str, Any] | None = None, rtol: float | None = None,
+            inline_functions: bool = False, inputs: str | os.PathLike | Mapping[str, Any] | None = None,
+            rtol: float | None = None,
             atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
             max_bytes: int = 2 * 1024**3, pins: Mapping[str, Any] | None = None) -> ConvertResult:
     """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.
@@ -84,7 +101,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         Compare OUT with IN in onnxruntime before writing (``False`` never imports onnxruntime).
     check : bool
         Run ``onnx.checker.check_model(full_check=True)`` on OUT before writing it.
-    decompose_rest, keep_initializer_inputs, pins :
+    decompose_rest, keep_initializer_inputs, pins, inline_functions :
         Options of `bnfold.folding.fold`. ``pins`` fixes training-switch inputs
         (``{"training:0": False}``; ``--set``); OUT is then verified against IN run with those
         values.
@@ -115,7 +132,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     model, external, size_before, in_bytes = _load(source)
     loaded = time.perf_counter()
 
-    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
+    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs,
+                    "inline_functions": inline_functions}
     if pins:
         fold_options["pins"] = dict(pins)
     folded, report = _fold(model, fold_options)
@@ -139,6 +157,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         "bn_total": report.total,
         "fold": report.to_dict(),
         "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
+        "kept_by_reason": _kept_by_reason(report),
         "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
         "size_bytes": {"before": size_before, "after": None},
     })
@@ -262,13 +281,44 @@ def _human(size: int) -> str:
     return f"{size / 1024**3:.2f} GiB"
 
 
-def _summary_lines(result: dict[str, Any], report: Any) -> list[str]:
+def _kept_groups(report: Any) -> dict[str, list[Any]]:
+    """Kept entries by their reason with quoted names blanked out (``'...'``), in report order."""
+    groups: dict[str, list[Any]] = {}
+    for entry in report.entries:
+        if entry.status == "kept":
+            groups.setdefault(_QUOTED.sub("'...'", entry.reason or ""), []).append(entry)
+    return groups
+
+
+def _kept_by_reason(report: Any) -> dict[str, list[str]]:
+    """The names of the kept BNs by reason (``--json``'s ``kept_by_reason``)."""
+    return {reason: [entry.bn for entry in entries] for reason, entries in _kept_groups(report).items()}
+
+
+def _entry_lines(report: Any, verbose: bool) -> list[str]:
+    """Verbose: one line per BN. Otherwise one line per kept BN, except that a reason shared by
+    several BNs gets one line with the count."""
+    if verbose:
+        return [entry.line() for entry in report.entries]
+    lines = []
+    for reason, entries in _kept_groups(report).items():
+        if len(entries) == 1:
+            lines.append(entries[0].line())
+        else:
+            lines.append(f"kept {len(entries)} BatchNormalization: {reason} (names with --verbose or --json)")
+    return lines
+
+
+def _summary_lines(result: dict[str, Any], report: Any, *, verbose: bool = False) -> list[str]:
     lines = [f"{result['input']} -> {result['output']}"]
-    line = f"BN folded {report.folded} of {report.total}"
-    if report.decomposed:
-        line += f" ({report.decomposed} decomposed into Mul + Add)"
-    lines.append(line)
-    lines += [entry.line() for entry in report.entries if entry.status == "kept"]
+    if report.total == 0:
+        lines.append(NO_BATCHNORM)
+    else:
+        line = f"BN folded {report.folded} of {report.total}"
+        if report.decomposed:
+            line += f" ({report.decomposed} decomposed into Mul + Add)"
+        lines.append(line)
+    lines += _entry_lines(report, verbose)
     lines += [f"note: {note}" for note in report.notes]
     if report.subnormals_flushed:
         lines.append(f"note: {report.subnormals_flushed} subnormal folded values flushed to zero")

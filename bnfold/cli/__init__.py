@@ -7,6 +7,7 @@ Errors are converted once, here: a `BnfoldError` or a click usage error becomes 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -44,13 +45,69 @@ class _LazyGroup(click.Group):
         module = _COMMANDS.get(cmd_name)
         if module is None:
             return None
-        return importlib.import_module(f"bnfold.cli.{module}").command
+        command = importlib.import_module(f"bnfold.cli.{module}").command
+        _add_verbosity_options(command)
+        return command
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    from bnfold.cli.output import NORMAL, QUIET, VERBOSE, set_verbosity, verbosity
+
+    if not value:
+        return
+    wanted = QUIET if param.name == "quiet" else VERBOSE
+    if verbosity() == wanted:  # given before the command name already
+        return
+    if verbosity() != NORMAL:
+        raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
+    set_verbosity(ctx, wanted)
+    if wanted == VERBOSE:
+        _log_to_stderr(ctx)
+
+
+def _add_verbosity_options(command: click.Command) -> None:
+    """Accept -q/-v after the command name too (`bnfold convert IN -o OUT -v`), as before it."""
+    if any(param.name in ("quiet", "verbose") for param in command.params):
+        return
+    for name, flags, text in (("quiet", ("-q", "--quiet"), "Print only warnings, errors and the final line."),
+                              ("verbose", ("-v", "--verbose"), "Also print details (every BN by name, log messages).")):
+        command.params.append(click.Option([*flags, name], is_flag=True, expose_value=False, is_eager=True,
+                                           callback=_set_verbosity, help=text))
+
+
+def _log_to_stderr(ctx: click.Context) -> None:
+    """Show bnfold's INFO log messages on stderr for the rest of this invocation."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("bnfold")
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def restore() -> None:  # main() may run several times in one process (tests, embedding)
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+    ctx.call_on_close(restore)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="bnfold")
-def cli() -> None:
-    """Batch normalization done right, and exact BN folding for ONNX models."""
+@click.option("-q", "--quiet", is_flag=True, help="Print only warnings, errors and each command's final line.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print details: every BN by name, log messages.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
+    """Batch normalization done right, and exact BN folding for ONNX models.
+
+    Run `bnfold COMMAND --help` for the options of a command.
+    """
+    from bnfold.cli.output import NORMAL, QUIET, VERBOSE, set_verbosity
+
+    if quiet and verbose:
+        raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
+    set_verbosity(ctx, QUIET if quiet else VERBOSE if verbose else NORMAL)
+    if verbose:
+        _log_to_stderr(ctx)
 
 
 def printable(text: str) -> str:
@@ -77,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # Plain `bnfold`: the usual multi-line help on stdout, exit 0 (nothing went wrong).
+        click.echo(exc.ctx.get_help())
+        sys.exit(0)
     except click.exceptions.Abort:
         _fail("aborted", 2)
     except click.ClickException as exc:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from bnfold.cli import printable
+from bnfold.cli import output
 from bnfold.cli.verify import verification_options, verify_kwargs
 from bnfold.errors import VerificationError
 
@@ -27,17 +27,21 @@ __all__ = ["command"]
 @click.option("--check", is_flag=True, help="Run onnx.checker.check_model(full_check=True) on OUT before writing it.")
 @click.option("--decompose-rest", is_flag=True, help="Rewrite BNs that cannot be folded as one Mul + Add by constants.")
 @click.option("--keep-initializer-inputs", is_flag=True,
-              help="Leave BNs whose parameters are initializers listed as graph inputs unfolded (IR < 4 models).")
+              help="Treat initializers also listed as graph inputs as run-time inputs: BNs that need them stay"
+                   " unfolded (any IR version; by default they are constants and folded ones leave the inputs).")
 @click.option("--set", "pins", multiple=True, metavar="NAME=VALUE",
               help="Fix the graph input NAME that selects If branches (a training switch such as tf2onnx's"
                    " training:0) to VALUE, inline the branches it selects and remove the input; repeatable."
                    " Inputs with a default (an initializer) are fixed to it without --set.")
+@click.option("--inline-functions", is_flag=True,
+              help="Inline model-local functions first (PyTorch export_modules_as_functions) so that their BNs fold.")
 @click.option("--keep-failing-unfolded", is_flag=True,
               help="If verification fails, leave the BNs responsible unfolded and write the (verified) rest.")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Also write a machine-readable report (fold entries, tensor map, verification) to this file.")
 def command(input_path: str, output_path: str | None, force: bool, in_place: bool, no_verify: bool, check: bool,
-            decompose_rest: bool, keep_initializer_inputs: bool, pins: tuple[str, ...], keep_failing_unfolded: bool,
+            decompose_rest: bool, keep_initializer_inputs: bool, pins: tuple[str, ...], inline_functions: bool,
+            keep_failing_unfolded: bool,
             json_path: str | None, **params: Any) -> None:
     """Fold BatchNormalization in the ONNX model IN into its neighbours and write OUT.
 
@@ -57,11 +61,14 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
         result = convert(input_path, output_path, force=force, in_place=in_place, verify=not no_verify, check=check,
                          decompose_rest=decompose_rest, keep_initializer_inputs=keep_initializer_inputs,
                          keep_failing_unfolded=keep_failing_unfolded, json_path=json_path, pins=pinned,
-                         **verify_kwargs(params))
+                         inline_functions=inline_functions, **verify_kwargs(params))
     except VerificationError as exc:
         if exc.report is not None:
             for line in exc.report.lines():
-                click.echo(printable(line))
+                output.echo(line)
         raise
-    for line in result.lines():
-        click.echo(printable(line))
+    if output.verbosity() == output.QUIET:
+        output.final(result.final_line())
+        return
+    for line in result.lines(verbose=output.verbosity() == output.VERBOSE):
+        output.echo(line)

@@ -29,12 +29,17 @@ _ERASE_PREVIOUS_LINE = "\033[F\033[K"  # ANSI: cursor to start of previous line,
 
 
 class _Momentum(click.ParamType):
-    name = "FLOAT|cumulative"
+    """One momentum, or several separated by commas (one training run each)."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
-        if isinstance(value, float) or value == _CUMULATIVE:
+    name = "FLOAT[,FLOAT...]|cumulative"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple:
+        if isinstance(value, tuple):
             return value
-        if str(value).strip().lower() == _CUMULATIVE:
+        return tuple(self._one(part, param, ctx) for part in str(value).split(","))
+
+    def _one(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if value.strip().lower() == _CUMULATIVE:
             return _CUMULATIVE
         try:
             number = float(value)
@@ -79,7 +84,8 @@ def _epoch_line(result: Any, epochs: int) -> str:
     type=_Momentum(),
     default=None,
     help="BatchNorm momentum in the chosen convention (keras: weight of the old moving value; torch: weight of the"
-    " new batch statistic; 'cumulative' = PyTorch's momentum=None) [default: 0.9 keras, 0.1 torch].",
+    " new batch statistic; 'cumulative' = PyTorch's momentum=None) [default: 0.9 keras, 0.1 torch]. Several values"
+    " separated by commas (0.9,0.99,0.999) train one model each, e.g. to compare them with --plot.",
 )
 @click.option("--convention", type=click.Choice(["keras", "torch"]), default="keras", show_default=True, help="Moving-statistics convention of the BN layers.")
 @click.option("--hidden", default="128,64", show_default=True, help="Comma-separated widths of the hidden Dense+BN+activation blocks.")
@@ -91,7 +97,9 @@ def _epoch_line(result: Any, epochs: int) -> str:
     help="Before saving, replace the moving statistics with exact population statistics over the training set.",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the checkpoint (.npz) here.")
-@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw loss and the three test accuracies per epoch to this PNG file (needs the 'plot' extra).")
+@click.option("--force", is_flag=True, help="Overwrite the output files if they exist.")
 def command(
     epochs: int,
     batch_size: int,
@@ -105,6 +113,7 @@ def command(
     seed: int,
     recompute_stats: bool,
     output: Path | None,
+    plot: Path | None,
     force: bool,
 ) -> None:
     """Train the batch-normalized MLP on the shipped 8x8 digits.
@@ -114,26 +123,73 @@ def command(
     test accuracy three ways: with batch statistics (training mode), with the moving statistics
     (what inference uses), and with population statistics recomputed over the training set.
     A large gap between the last two means the moving averages have not converged.
+    With several --momentum values, one model is trained per value (same seed).
     """
-    import numpy as np
-
+    from bnfold.cli import output as out
     from bnfold.io import check_output_path
     from bnfold.nn.checkpoint import save_checkpoint
-    from bnfold.nn.data import load_digits
-    from bnfold.nn.model import build_mlp
-    from bnfold.nn.optim import SGD, Adam
-    from bnfold.nn.training import EpochResult, evaluate, recompute_statistics, train_epoch
+    from bnfold.nn.training import recompute_statistics
 
     sizes = _parse_hidden(hidden)
+    momenta = momentum or (None,)
+    if len(momenta) > 1 and output is not None:
+        raise BnfoldError(f"--momentum {','.join(map(str, momenta))} trains {len(momenta)} models; -o saves one:"
+                          " give a single --momentum to save a checkpoint")
+    if plot is not None:
+        from bnfold.plots import require_matplotlib
+
+        require_matplotlib("--plot")
+        check_output_path(plot, overwrite=force)
     if output is not None:
         check_output_path(output, overwrite=force)
+        if plot is not None and output.resolve() == plot.resolve():
+            raise BnfoldError(f"{plot}: --plot and -o name the same file")
     if lr is None:
         lr = _DEFAULT_LR[optimizer]
     if not math.isfinite(lr) or lr <= 0:
         raise BnfoldError(f"--lr {lr}: must be a finite number > 0")
-    if momentum == _CUMULATIVE and convention != "torch":
+    if _CUMULATIVE in momenta and convention != "torch":
         raise BnfoldError("--momentum cumulative: only the torch convention has a cumulative average")
-    bn_momentum = _DEFAULT_MOMENTUM[convention] if momentum is None else None if momentum == _CUMULATIVE else momentum
+    settings = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
+                "sgd_momentum": sgd_momentum, "convention": convention, "sizes": sizes, "activation": activation,
+                "seed": seed}
+    runs = []
+    for value in momenta:
+        bn_momentum = _DEFAULT_MOMENTUM[convention] if value is None else None if value == _CUMULATIVE else value
+        model, history = _train_one(bn_momentum, several=len(momenta) > 1, **settings)
+        runs.append((bn_momentum, model, history))
+
+    results = []
+    for bn_momentum, model, history in runs:
+        ev = history[-1].evaluation
+        label = "cumulative" if bn_momentum is None else str(bn_momentum)
+        results.append(f"{'momentum ' + label + ': ' if len(runs) > 1 else ''}test accuracy with moving statistics"
+                       f" {100 * ev.moving:.1f}%")
+    model = runs[-1][1]
+    if recompute_stats and len(runs) == 1:
+        from bnfold.nn.data import load_digits
+
+        recompute_statistics(model, load_digits().x_train)
+        out.echo("replaced the moving statistics with population statistics recomputed over the training set")
+    if output is not None:
+        save_checkpoint(model, output)
+        results.append(f"saved {output}")
+    if plot is not None:
+        _plot(runs, plot, convention)
+        results.append(f"plot {plot}")
+    out.final("; ".join(results))
+
+
+def _train_one(bn_momentum: float | None, *, several: bool, epochs: int, batch_size: int, optimizer: str, lr: float,
+               sgd_momentum: float, convention: str, sizes: tuple[int, ...], activation: str, seed: int):
+    """Train one model, printing a line per epoch; returns it with its `EpochResult` history."""
+    import numpy as np
+
+    from bnfold.cli import output as out
+    from bnfold.nn.data import load_digits
+    from bnfold.nn.model import build_mlp
+    from bnfold.nn.optim import SGD, Adam
+    from bnfold.nn.training import EpochResult, evaluate, train_epoch
 
     data = load_digits()
     rng = np.random.default_rng(seed)
@@ -143,12 +199,13 @@ def command(
         raise BnfoldError(f"--momentum {bn_momentum} --convention {convention}: {exc}") from None
     opt = SGD(model, lr=lr, momentum=sgd_momentum) if optimizer == "sgd" else Adam(model, lr=lr)
 
-    click.echo(
+    out.echo(
         f"digits: {len(data.y_train)} train / {len(data.y_test)} test images; network 64-{'-'.join(map(str, sizes))}-10,"
         f" BN {convention} momentum {'cumulative' if bn_momentum is None else bn_momentum}; {optimizer} lr {lr}; seed {seed}"
     )
-    show_bar = sys.stderr.isatty()
+    show_bar = sys.stderr.isatty() and out.verbosity() >= out.NORMAL
     started = time.perf_counter()
+    history = []
     for epoch in range(1, epochs + 1):
         with click.progressbar(length=len(data.y_train), label=f"epoch {epoch}/{epochs}", file=sys.stderr, hidden=not show_bar) as bar:
             try:
@@ -160,21 +217,29 @@ def command(
         if not math.isfinite(loss):
             raise BnfoldError(f"training diverged in epoch {epoch}: loss is {loss} (try a smaller --lr than {lr})")
         evaluation = evaluate(model, data.x_test, data.y_test, x_train=data.x_train, batch_size=batch_size)
-        last = EpochResult(epoch=epoch, steps=opt.steps, loss=loss, evaluation=evaluation)
-        click.echo(_epoch_line(last, epochs))
-    elapsed = time.perf_counter() - started
-    click.echo(f"trained and evaluated {last.steps} steps in {elapsed:.1f} s")
+        history.append(EpochResult(epoch=epoch, steps=opt.steps, loss=loss, evaluation=evaluation))
+        out.echo(_epoch_line(history[-1], epochs))
+    last = history[-1]
+    out.echo(f"trained and evaluated {last.steps} steps in {time.perf_counter() - started:.1f} s")
     ev = last.evaluation
     if ev.population - ev.moving > _LAG_WARNING:
-        click.echo(
-            f"warning: moving statistics trail recomputed ones by {100 * (ev.population - ev.moving):.1f} points of test"
+        out.warn(
+            (f"momentum {bn_momentum}: " if several else "") + f"moving statistics trail recomputed ones by {100 * (ev.population - ev.moving):.1f} points of test"
             f" accuracy: the moving averages have not caught up with the network after {last.steps} steps; train"
-            " longer, use a faster average (keras: lower --momentum; torch: higher), or pass --recompute-stats",
-            err=True,
+            " longer, use a faster average (keras: lower --momentum; torch: higher), or pass --recompute-stats"
         )
-    if recompute_stats:
-        recompute_statistics(model, data.x_train)
-        click.echo("replaced the moving statistics with population statistics recomputed over the training set")
-    if output is not None:
-        save_checkpoint(model, output)
-        click.echo(f"saved {output}")
+    return model, history
+
+
+def _plot(runs: list, path: Path, convention: str) -> None:
+    from bnfold.plots import TrainingRun, training_curves
+
+    drawn = []
+    for bn_momentum, _, history in runs:
+        label = f"momentum {'cumulative' if bn_momentum is None else bn_momentum}"
+        drawn.append(TrainingRun(
+            label=label, steps=[r.steps for r in history], loss=[r.loss for r in history],
+            batch=[r.evaluation.batch for r in history], moving=[r.evaluation.moving for r in history],
+            recomputed=[r.evaluation.population for r in history]))
+    steps = runs[0][2][-1].steps
+    training_curves(drawn, path, title=f"digits MLP, BN {convention} convention, {steps} steps")

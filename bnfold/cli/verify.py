@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from bnfold.cli import printable
+from bnfold.cli import output
 from bnfold.errors import BnfoldError, VerificationError
 from bnfold.io.writing import write_json
 
@@ -105,8 +105,10 @@ def command(reference: str, candidate: str, json_path: str | None, pins: tuple[s
         reference_model = pinned_reference(load_model(reference), parse_pins(pins))
         names = (f"{reference} ({', '.join(pins)})", candidate)
     report = verify(reference_model, candidate, names=names, **verify_kwargs(params))
-    for line in report.lines():
-        click.echo(printable(line))
+    lines = report.lines()
+    for line in lines[:-1]:
+        output.echo(line)
+    output.final(lines[-1])  # the verdict: also printed with -q
     if json_path is not None:
         write_json(json_path, report.to_dict())
     if not report.ok:

@@ -90,6 +90,7 @@ def fold(
     keep_initializer_inputs: bool = False,
     exclude: Collection[str] = (),
     pins: Mapping[str, Any] | None = None,
+    inline_functions: bool = False,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every BatchNormalization of ``model`` that can be folded exactly.
 
@@ -107,6 +108,9 @@ def fold(
     pins : mapping of str to value, optional
         Graph inputs that select ``If`` branches (training switches) -> the value to fix them to
         (`bnfold.folding.switches.resolve_switches`, rule 6).
+    inline_functions : bool
+        Inline model-local functions first (`bnfold.folding.functions`), so that BNs inside them
+        fold; otherwise the reason of a BN kept inside a function points to this option.
 
     Returns
     -------
@@ -117,7 +121,17 @@ def fold(
         keep_initializer_inputs=keep_initializer_inputs,
         exclude=frozenset(exclude),
     )
-    return FoldBatchNormPass(options, pins=pins).run(model)
+    from bnfold.folding import functions
+
+    inlined: list[str] = []
+    if inline_functions:
+        model, inlined = functions.inline_functions(model)
+    folded, report = FoldBatchNormPass(options, pins=pins).run(model)
+    if inlined:
+        report.notes.insert(0, f"inlined {len(inlined)} model-local function(s): {', '.join(inlined)}")
+    else:
+        functions.hint_inline(report)
+    return folded, report
 
 
 class FoldBatchNormPass:
@@ -358,7 +372,7 @@ def _cleanup(model: onnx.ModelProto, ctx: ModelContext, dead: set[str], removed:
             model.graph.input.extend(kept)
             names = ", ".join(f"'{v.name}'" for v in inputs[:5]) + (" ..." if len(inputs) > 5 else "")
             ctx.report.notes.append(
-                f"removed {len(inputs)} folded initializer(s) from the graph inputs: {names}"
+                f"removed {len(inputs)} graph inputs backed by initializers whose values were folded: {names}"
             )
         stale = [vi for vi in model.graph.value_info if vi.name in gone]
         if stale:

@@ -12,7 +12,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["FoldEntry", "FoldReport", "Status"]
+__all__ = ["FoldEntry", "FoldReport", "Status", "NO_BATCHNORM"]
+
+#: What the summaries say when a model has no BatchNormalization (nor a decomposed one) at all.
+NO_BATCHNORM = ("no BatchNormalization: nothing to fold (PyTorch's and tf2onnx's exporters fold Conv+BN"
+                " themselves by default)")
 
 Status = Literal["folded", "kept", "decomposed"]
 
@@ -112,6 +116,10 @@ class FoldReport:
 
     def lines(self) -> list[str]:
         """Human-readable summary: a count line, one line per BN, then the notes."""
+        if not self.entries:
+            out = [NO_BATCHNORM]
+            out.extend(f"note: {note}" for note in self.notes)
+            return out
         out = [f"BatchNormalization folded: {self.folded} of {self.total}"]
         if self.decomposed:
             out[0] += f" ({self.decomposed} decomposed into Mul + Add)"

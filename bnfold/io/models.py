@@ -20,6 +20,7 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.io.external import load_external_data
+from bnfold.io.foreign import foreign_format_hint
 from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, check_input_file, one_line, read_bytes, serialized_size
 
 __all__ = ["load_model", "check_model"]
@@ -46,7 +47,13 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         If the file is missing, not a model, too new, unsafe, or fails the checker.
     """
     path = Path(path)
-    model, raw = _parse(path)
+    try:
+        model, raw = _parse(path)
+    except BnfoldError:
+        hint = foreign_format_hint(path)  # a model of another framework: name the converter
+        if hint is None:
+            raise
+        raise BnfoldError(hint) from None
     _check_versions(model, path)
     external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(model))
     load_external_data(model, path)

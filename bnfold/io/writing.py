@@ -2,7 +2,10 @@
 
 Models too large for a single protobuf (2 GiB) are written with their large tensors in a data
 file whose name carries a content hash (``<name>.<hash>.data``), written before the model: the
-previous model keeps reading its own data file until the moment it is replaced.
+previous model keeps reading its own data file until the moment it is replaced. Once it is, the
+data files the previous model at that path used (``<name>.<hash>.data``, named by this module)
+are removed, whether or not the new model has external data, unless another ``.onnx`` file in
+the folder still names them.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import glob
 import hashlib
 import json
 import logging
+import mmap
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -97,6 +101,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     if external_data:
         _save_with_external_data(model, path)
         return
+    previous = _sidecars_of(path)
+    _save_in_one_file(model, path, external_data)
+    _remove_unreferenced(previous - _sidecars_of(path), path)
+
+
+def _save_in_one_file(model: onnx.ModelProto, path: Path, external_data: bool | None) -> None:
     # Serialize first and look at the size afterwards: asking protobuf for the size costs as much
     # as serializing, and most models are far below the limit.
     try:
@@ -181,10 +191,35 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
             with contextlib.suppress(OSError):
                 data_path.unlink()
         raise
-    for old in previous - {data_path}:
+    _remove_unreferenced(previous - {data_path}, path)
+
+
+def _remove_unreferenced(data_files: set[Path], path: Path) -> None:
+    """Remove the previous model's data files, except those another model in the folder names."""
+    if not data_files:
+        return
+    others = [p for p in path.parent.glob("*.onnx") if p.is_file() and not same_file(p, path)]
+    for old in sorted(data_files):
+        holders = [other for other in others if _names(other, old.name)]
+        if holders:
+            log.info("%s: keeping %s, still used by %s", path, old.name, holders[0].name)
+            continue
         log.debug("%s: removing the previous data file %s", path, old.name)
         with contextlib.suppress(OSError):
             old.unlink()
+
+
+def _names(model_path: Path, data_name: str) -> bool:
+    """Whether the file ``model_path`` contains the string ``data_name`` (a location it may use)."""
+    needle = data_name.encode("utf-8")
+    try:
+        with open(model_path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return False
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                return view.find(needle) >= 0
+    except (OSError, ValueError):
+        return True  # unreadable: assume it may need the file rather than break it
 
 
 def _sidecars_of(path: Path) -> set[Path]:

@@ -122,7 +122,7 @@ def test_output_equal_to_input_needs_in_place(model_path: Path) -> None:
     assert code == 0, stderr
     assert "BatchNormalization" not in {node.op_type for node in onnx.load(model_path).graph.node}
     code, stdout, _ = bnfold_cli("convert", model_path, "--in-place")
-    assert code == 0 and "BN folded 0 of 0" in stdout
+    assert code == 0 and "no BatchNormalization: nothing to fold" in stdout
 
 
 def test_missing_output_option(model_path: Path) -> None:
@@ -294,6 +294,7 @@ def test_fold_options_pass_through(model_path: Path, tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(bnfold.folding, "fold", recording)
     code, _, stderr = bnfold_cli("convert", model_path, "-o", tmp_path / "o.onnx", "--decompose-rest",
-                                 "--keep-initializer-inputs", "--check")
+                                 "--keep-initializer-inputs", "--inline-functions", "--check")
     assert code == 0, stderr
-    assert seen == [{"exclude": frozenset(), "decompose_rest": True, "keep_initializer_inputs": True}]
+    assert seen == [{"exclude": frozenset(), "decompose_rest": True, "keep_initializer_inputs": True,
+                     "inline_functions": True}]
