@@ -1,0 +1,166 @@
+"""`inspect`: the statistics doctor, and the subset of it that `bnfold convert` runs.
+
+``inspect(model, data=None)`` puts together:
+
+- the checks from the file alone (`bnfold.diagnosis.records`): per BN its parameters, what
+  ``convert`` would do (a dry run of the fold pass), ``never updated``, ``invalid``, a BN in
+  training mode, and the warnings;
+- the training switches of the model (`bnfold.folding.switches`, when present);
+- the checks that run the model (`bnfold.diagnosis.mixing`): ``batch statistics`` (samples that
+  mix) and ``not deterministic``;
+- with data, ``stale`` (`bnfold.diagnosis.staleness`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+
+from bnfold.diagnosis.records import diagnose_static
+from bnfold.diagnosis.report import Flag, InspectReport
+from bnfold.errors import BnfoldError
+
+__all__ = ["inspect", "preflight", "NO_RUN_FLAGS"]
+
+log = logging.getLogger(__name__)
+
+#: The wrong flags that need no run: what ``convert --no-verify`` checks.
+NO_RUN_FLAGS = ("never updated", "invalid", "batch statistics")
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike, label: str | None) -> tuple[onnx.ModelProto, str]:
+    from bnfold.runtime import load
+
+    return load(model, label or "model")
+
+
+def inspect(model: onnx.ModelProto | str | os.PathLike, data: Any = None, *, run: bool = True,
+            batch: int = 4, seed: int = 0, batch_size: int = 256, threads: int = 1,
+            label: str | None = None) -> InspectReport:
+    """Diagnose the BatchNormalization statistics of ``model``.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto or path
+        Not modified.
+    data : path to an .npz, mapping of input name to array, or array (single-input models), optional
+        Samples to measure each BN's input over (the ``stale`` check).
+    run : bool
+        Run the model in onnxruntime for ``batch statistics`` (cross-sample dependence) and
+        ``not deterministic``. ``False`` never imports onnxruntime (unless ``data`` is given).
+    batch : int
+        Batch length for symbolic batch axes in those runs (at least 2).
+    seed : int
+        Seed of their random inputs.
+    batch_size : int
+        Samples per onnxruntime run when measuring ``data`` (memory only; results are exact).
+    threads : int
+        onnxruntime threads.
+    label : str, optional
+        Name of the model in messages (a path's own name by default).
+
+    Returns
+    -------
+    InspectReport
+        ``.ok`` is False when a wrong flag was found; ``.lines()`` is what ``bnfold inspect``
+        prints, ``.to_dict()`` its JSON.
+    """
+    if batch < 2:
+        raise BnfoldError(f"batch must be at least 2 to compare samples, got {batch}")
+    model, label = _load(model, label)
+    report = _static(model, label)
+    if run:
+        _run_checks(model, label, report, batch=batch, seed=seed, threads=threads)
+    else:
+        report.checks["batch statistics"] = "cross-sample check not run (attributes only)"
+        report.checks["not deterministic"] = "not run"
+    if data is not None:
+        _stale(model, data, report, batch_size=batch_size, threads=threads)
+    else:
+        report.checks["stale"] = "not run: no data (--data)"
+    return report
+
+
+def preflight(model: onnx.ModelProto, label: str, *, run: bool, threads: int = 1,
+              warn: Callable[[str], None] | None = None) -> InspectReport:
+    """What `bnfold convert` checks before folding: the wrong flags, told through ``warn``.
+
+    ``run=False`` (``convert --no-verify``) checks only `NO_RUN_FLAGS` from attributes and values,
+    and never imports onnxruntime. Never raises for a flag; the caller decides (``--strict``).
+    """
+    report = _static(model, label, switches=False)
+    if run:
+        try:
+            _run_checks(model, label, report, batch=4, seed=0, threads=threads)
+        except BnfoldError as exc:  # verification reports an unrunnable model in its own words
+            log.debug("runtime checks not run: %s", exc)
+    if warn is not None:
+        for where, flag in report.wrong:
+            warn(f"{where}: {flag.text()}")
+    return report
+
+
+def _static(model: onnx.ModelProto, label: str, switches: bool = True) -> InspectReport:
+    diagnoses, fold_error, parameters = diagnose_static(model)
+    report = InspectReport(model=label, bns=diagnoses, fold_error=fold_error)
+    report._parameters = parameters  # used by the stale check; not part of the JSON
+    if switches:
+        _switches(model, report)
+    return report
+
+
+def _switches(model: onnx.ModelProto, report: InspectReport) -> None:
+    try:
+        from bnfold.folding import switches
+    except ImportError:
+        return
+    for switch in switches.find_switches(model):
+        described = _describe_switch(switch)
+        report.switches.append(described)
+        report.flags.append(Flag("training switch", "warning", described["text"]))
+
+
+def _describe_switch(switch: Any) -> dict[str, Any]:
+    """JSON-friendly view of one switch of `bnfold.folding.switches.find_switches`."""
+    if hasattr(switch, "to_dict"):
+        described = dict(switch.to_dict())
+    elif isinstance(switch, dict):
+        described = dict(switch)
+    else:
+        described = {key: value for key, value in vars(switch).items() if not key.startswith("_")}
+    if "text" not in described:
+        described["text"] = switch.describe() if hasattr(switch, "describe") else str(described)
+    return described
+
+
+def _run_checks(model: onnx.ModelProto, label: str, report: InspectReport, *, batch: int, seed: int,
+                threads: int) -> None:
+    from bnfold.diagnosis.mixing import check_runtime
+
+    found = check_runtime(model, label, batch=batch, seed=seed, threads=threads)
+    report.flags.extend(found.flags)
+    report.checks.update(found.checks)
+
+
+def _stale(model: onnx.ModelProto, data: Any, report: InspectReport, *, batch_size: int, threads: int) -> None:
+    from bnfold.diagnosis.staleness import drift, flag_stale
+    from bnfold.population import bn_input_moments
+
+    moments = bn_input_moments(model, data, batch_size=batch_size, threads=threads)
+    measured = 0
+    for position, params in report._parameters.items():
+        diagnosis = report.bns[position]
+        stats = moments.get(diagnosis.input) if diagnosis.graph == "main" else None
+        if stats is None or diagnosis.epsilon is None:
+            continue
+        if stats.mean.shape != params.mean.shape:
+            continue
+        flag_stale(diagnosis, drift(params.mean, params.var, stats.mean, stats.var, diagnosis.epsilon))
+        measured += 1
+    samples = next(iter(moments.values())).count if moments else 0
+    report.checks["stale"] = (f"measured {measured} BN input(s) over the data ({samples} values per channel),"
+                              " the model as it is")
