@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
             keep_failing_unfolded: bool = False, json_path: str | os.PathLike | None = None,
             inputs: str | os.PathLike | Mapping[str, Any] | None = None, rtol: float | None = None,
             atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
-            max_bytes: int = 2 * 1024**3) -> ConvertResult:
+            max_bytes: int = 2 * 1024**3, strict: bool = False,
+            warn: Callable[[str], None] | None = None) -> ConvertResult:
     """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.
 
     Parameters
@@ -92,6 +93,12 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         Also write ``ConvertResult.data`` as JSON here (also when verification fails).
     inputs, rtol, atol, batch, seed, threads, max_bytes :
         Options of `bnfold.verification.verify`.
+    strict : bool
+        Treat the statistics flags that mean "wrong" (`bnfold.diagnosis.preflight`: never
+        updated, invalid, batch statistics, not deterministic) as an error: `VerificationError`,
+        OUT not written. Without it they are only told through ``warn``.
+    warn : callable, optional
+        Called with one line per such flag, before folding.
 
     Returns
     -------
@@ -102,7 +109,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     BnfoldError
         Bad input, unsafe or unwritable paths (nothing written).
     VerificationError
-        OUT disagrees with IN (OUT not written; ``.report`` is the `VerifyReport`).
+        OUT disagrees with IN (OUT not written; ``.report`` is the `VerifyReport`), or ``strict``
+        and a statistics flag (``.report`` is None).
     """
     started = time.perf_counter()
     source = Path(input_path)
@@ -111,6 +119,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     out = Path(output_path) if output_path is not None else source
     _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
     model, external, size_before, in_bytes = _load(source)
+    statistics = _statistics(model, str(source), out, run=verify, threads=threads, strict=strict, warn=warn)
     loaded = time.perf_counter()
 
     fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
@@ -118,7 +127,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     fold_done = time.perf_counter()
 
     result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
-                              "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
+                              "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external,
+                              "statistics": statistics}
     verification = None
     if verify:
         options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
@@ -154,6 +164,18 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     if json_path is not None:
         write_json(json_path, result)
     return ConvertResult(data=result, report=report, verification=verification)
+
+
+def _statistics(model: onnx.ModelProto, label: str, out: Path, *, run: bool, threads: int, strict: bool,
+                warn: Callable[[str], None] | None) -> list[dict[str, str]]:
+    """The wrong statistics flags of ``model`` (`bnfold.diagnosis.preflight`); raise under ``strict``."""
+    from bnfold.diagnosis import preflight
+
+    wrong = preflight(model, label, run=run, threads=threads, warn=warn).wrong
+    if strict and wrong:
+        names = ", ".join(dict.fromkeys(f"{flag.name} ('{where}')" for where, flag in wrong))
+        raise VerificationError(f"{out}: not written: --strict and the statistics are wrong: {names}")
+    return [{"where": where, "flag": flag.name, "detail": flag.detail} for where, flag in wrong]
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:

@@ -32,20 +32,28 @@ __all__ = ["command"]
               help="If verification fails, leave the BNs responsible unfolded and write the (verified) rest.")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Also write a machine-readable report (fold entries, tensor map, verification) to this file.")
+@click.option("--strict", is_flag=True,
+              help="Refuse (exit 1, OUT not written) when BN statistics look wrong (see bnfold inspect).")
 def command(input_path: str, output_path: str | None, force: bool, in_place: bool, no_verify: bool, check: bool,
             decompose_rest: bool, keep_initializer_inputs: bool, keep_failing_unfolded: bool,
-            json_path: str | None, **params: Any) -> None:
+            json_path: str | None, strict: bool, **params: Any) -> None:
     """Fold BatchNormalization in the ONNX model IN into its neighbours and write OUT.
 
-    OUT is verified against IN in onnxruntime before it is written. Exit code 0 on success,
-    1 if verification failed (OUT is then not written), 2 on usage or input errors.
+    OUT is verified against IN in onnxruntime before it is written. BN statistics that look wrong
+    (never updated, invalid, batch statistics, not deterministic) are printed as warnings before
+    folding. Exit code 0 on success, 1 if verification failed or, with --strict, if a statistics
+    warning was printed (OUT is then not written), 2 on usage or input errors.
     """
     from bnfold.conversion import convert
+
+    def warn(line: str) -> None:
+        click.echo(printable(f"warning: {line}"))
 
     try:
         result = convert(input_path, output_path, force=force, in_place=in_place, verify=not no_verify, check=check,
                          decompose_rest=decompose_rest, keep_initializer_inputs=keep_initializer_inputs,
-                         keep_failing_unfolded=keep_failing_unfolded, json_path=json_path, **verify_kwargs(params))
+                         keep_failing_unfolded=keep_failing_unfolded, json_path=json_path, strict=strict, warn=warn,
+                         **verify_kwargs(params))
     except VerificationError as exc:
         if exc.report is not None:
             for line in exc.report.lines():

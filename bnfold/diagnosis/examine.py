@@ -92,7 +92,7 @@ def preflight(model: onnx.ModelProto, label: str, *, run: bool, threads: int = 1
     ``run=False`` (``convert --no-verify``) checks only `NO_RUN_FLAGS` from attributes and values,
     and never imports onnxruntime. Never raises for a flag; the caller decides (``--strict``).
     """
-    report = _static(model, label, switches=False)
+    report = _static(model, label, switches=False, dry_run=False)
     if run:
         try:
             _run_checks(model, label, report, batch=4, seed=0, threads=threads)
@@ -104,10 +104,9 @@ def preflight(model: onnx.ModelProto, label: str, *, run: bool, threads: int = 1
     return report
 
 
-def _static(model: onnx.ModelProto, label: str, switches: bool = True) -> InspectReport:
-    diagnoses, fold_error, parameters = diagnose_static(model)
-    report = InspectReport(model=label, bns=diagnoses, fold_error=fold_error)
-    report._parameters = parameters  # used by the stale check; not part of the JSON
+def _static(model: onnx.ModelProto, label: str, switches: bool = True, dry_run: bool = True) -> InspectReport:
+    diagnoses, fold_error, parameters = diagnose_static(model, dry_run=dry_run)
+    report = InspectReport(model=label, bns=diagnoses, fold_error=fold_error, _parameters=parameters)
     if switches:
         _switches(model, report)
     return report

@@ -1,0 +1,136 @@
+"""`bnfold.inspect`, the checks that run the model in onnxruntime: ``batch statistics`` (samples
+that mix) and ``not deterministic``, on hand-built graphs and on exports of PyTorch and Keras 3
+(``tests/fixtures/stats``, made by ``tests/fixtures/make_stat_fixtures.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stats"
+F = TensorProto.FLOAT
+
+
+def model_of(nodes, *, batch="N", inits=(), opset=17, inputs=None) -> onnx.ModelProto:
+    inputs = inputs or [helper.make_tensor_value_info("x", F, [batch, 3])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", F, None)], list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def normalize_over(axis: int) -> onnx.ModelProto:
+    """x - mean(x, axis): over axis 0 this is training-mode BN's centering (mixes samples)."""
+    return model_of([
+        helper.make_node("ReduceMean", ["x"], ["mu"], name="batch_mean", axes=[axis], keepdims=1),
+        helper.make_node("Sub", ["x", "mu"], ["centered"], name="center"),
+        helper.make_node("Relu", ["centered"], ["out"], name="relu"),
+    ])
+
+
+def model_flags(report) -> dict[str, str]:
+    return {flag.name: flag.detail for flag in report.flags}
+
+
+def test_mean_over_the_batch_is_batch_statistics_and_names_the_reduce():
+    report = bnfold.inspect(normalize_over(0))
+    flags = model_flags(report)
+    assert "batch statistics" in flags and not report.ok
+    assert "ReduceMean 'batch_mean' -> 'mu'" in flags["batch statistics"]
+    assert "not deterministic" not in flags
+
+
+def test_mean_over_features_is_per_sample():
+    report = bnfold.inspect(normalize_over(1))
+    assert report.ok and not report.flags, report.lines()
+    assert report.checks["batch statistics"].startswith("ran on a batch of 4")
+
+
+def test_static_batch_of_two_is_enough():
+    model = normalize_over(0)
+    model.graph.input[0].type.tensor_type.shape.dim[0].ClearField("dim_param")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    assert "batch statistics" in model_flags(bnfold.inspect(model))
+
+
+def test_static_batch_of_one_says_the_check_cannot_run():
+    model = normalize_over(0)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    report = bnfold.inspect(model)
+    assert "batch statistics" not in model_flags(report)
+    assert "not run" in report.checks["batch statistics"] and "first axis of 1" in report.checks["batch statistics"]
+
+
+def dropout(training: bool) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+             numpy_helper.from_array(np.array(training), "training")]
+    return model_of([
+        helper.make_node("Relu", ["x"], ["h"], name="relu"),
+        helper.make_node("Dropout", ["h", "ratio", "training"], ["out"], name="drop"),
+    ], inits=inits)
+
+
+def test_dropout_in_training_mode_is_not_deterministic():
+    report = bnfold.inspect(dropout(True), batch=8)
+    flags = model_flags(report)
+    assert "not deterministic" in flags and not report.ok
+    assert "first at tensor 'out' (Dropout 'drop')" in flags["not deterministic"]
+    # Random tensors are not compared for mixing: Dropout is per element, not across samples.
+    assert "batch statistics" not in flags
+
+
+def test_dropout_in_inference_mode_is_deterministic():
+    report = bnfold.inspect(dropout(False), batch=8)
+    assert report.ok and not report.flags
+
+
+def test_random_op_is_not_deterministic():
+    model = model_of([helper.make_node("RandomNormalLike", ["x"], ["noise"], name="noise"),
+                      helper.make_node("Add", ["x", "noise"], ["out"], name="add")])
+    assert "not deterministic" in model_flags(bnfold.inspect(model))
+
+
+def test_run_false_never_runs():
+    report = bnfold.inspect(normalize_over(0), run=False)
+    assert report.ok and "not run" in report.checks["batch statistics"]
+
+
+def fixture(name: str) -> Path:
+    return FIXTURES / f"{name}.onnx"
+
+
+def test_pytorch_training_export():
+    """``TrainingMode.TRAINING``: BN with training_mode=1 (from the attribute and from the run)
+    and Dropout active."""
+    report = bnfold.inspect(fixture("torch_training"))
+    (bn,) = report.bns
+    assert [flag.name for flag in bn.flags] == ["batch statistics"]
+    flags = model_flags(report)
+    assert "Dropout '/3/Dropout'" in flags["not deterministic"]
+    assert "BatchNormalization '/1/BatchNormalization'" in flags["batch statistics"]
+
+
+def test_keras_training_true_export():
+    """Keras 3 ``training=True``: no BN node, a ReduceMean / Sub / Sqrt chain; found by running."""
+    report = bnfold.inspect(fixture("keras_training_true"))
+    assert report.bns == []
+    flags = model_flags(report)
+    assert set(flags) == {"batch statistics"}
+    assert "ReduceMean '/ReduceMean'" in flags["batch statistics"]
+
+
+@pytest.mark.parametrize("name", ["torch_eval", "keras_eval"])
+def test_healthy_exports(name):
+    report = bnfold.inspect(fixture(name))
+    assert report.ok and not report.all_flags(), report.lines()
+    assert len(report.bns) == 1 and report.bns[0].convert.startswith("folded into")
+
+
+def test_pytorch_never_updated_export():
+    report = bnfold.inspect(fixture("torch_never_updated"))
+    assert [name for name in {f.name for _, f in report.all_flags()}] == ["never updated"]
