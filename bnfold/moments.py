@@ -24,6 +24,11 @@ arithmetic whatever the split, and stable in floating point because it never for
     \text{mean} = \text{mean}_a + \delta\,\frac{n_b}{n}, \quad
     M_2 = M_{2,a} + M_{2,b} + \delta^2\,\frac{n_a n_b}{n}
 
+`BatchAverage` is the other estimate: the plain average, batch by batch, of each batch's mean
+and unbiased variance, as PyTorch's ``torch.optim.swa_utils.update_bn`` computes it (a cumulative
+average with ``momentum=None``: every batch weighs the same, whatever its size). It merges by
+adding sums.
+
 Everything is float64, whatever the dtype of the data. This module imports only NumPy: the
 NumPy trainer uses it without onnx.
 """
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Moments", "merge_all"]
+__all__ = ["Moments", "BatchAverage", "merge_all"]
 
 
 @dataclass(frozen=True)
@@ -123,11 +128,60 @@ class Moments:
         return self.merge(other)
 
 
-def merge_all(pieces: Iterable[Moments], channels: int | None = None) -> Moments:
-    """Merge any number of pieces, in order; ``channels`` gives the result for no pieces."""
-    result: Moments | None = None if channels is None else Moments.empty(channels)
+def merge_all(pieces: Iterable, channels: int | None = None):
+    """Merge any number of `Moments` (or `BatchAverage`) pieces, in order; ``channels`` gives
+    empty `Moments` for no pieces."""
+    result = None if channels is None else Moments.empty(channels)
     for piece in pieces:
         result = piece if result is None else result.merge(piece)
     if result is None:
         raise ValueError("merge_all: no pieces and no channel count")
     return result
+
+
+@dataclass(frozen=True)
+class BatchAverage:
+    """Sums, over batches, of each batch's per-channel mean and unbiased variance.
+
+    Attributes
+    ----------
+    batches : int
+        Number of batches summed.
+    mean_sum, var_sum : numpy.ndarray
+        Shape (C,), float64: sum of the batch means, sum of the batch variances with
+        denominator n - 1 (n values per channel in the batch).
+    """
+
+    batches: int
+    mean_sum: np.ndarray
+    var_sum: np.ndarray
+
+    @classmethod
+    def from_stats(cls, mean: np.ndarray, biased_var: np.ndarray, count: int) -> BatchAverage:
+        """One batch, from its mean and population variance over ``count`` values per channel."""
+        if count < 2:
+            raise ValueError(f"an unbiased batch variance needs at least 2 values per channel, got {count}")
+        mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        var = np.asarray(biased_var, dtype=np.float64).reshape(-1) * (count / (count - 1))
+        return cls(1, mean, var)
+
+    @classmethod
+    def from_batch(cls, x: np.ndarray, axis: int = 1) -> BatchAverage:
+        """One batch of data, reduced over every axis but ``axis``."""
+        moments = Moments.from_batch(x, axis)
+        return cls.from_stats(moments.mean, moments.var, moments.count)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.mean_sum / self.batches
+
+    @property
+    def var(self) -> np.ndarray:
+        """Average of the unbiased batch variances (what ``update_bn`` stores)."""
+        return self.var_sum / self.batches
+
+    def merge(self, other: BatchAverage) -> BatchAverage:
+        return BatchAverage(self.batches + other.batches, self.mean_sum + other.mean_sum, self.var_sum + other.var_sum)
+
+    def __add__(self, other: BatchAverage) -> BatchAverage:
+        return self.merge(other)

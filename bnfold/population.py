@@ -30,7 +30,7 @@ from bnfold.moments import Moments, merge_all
 from bnfold.runtime import ModelLike, feed_inputs, load, run, session
 
 __all__ = [
-    "bn_input_moments", "batchnorm_nodes", "input_specs", "submodel", "shard_moments", "run_shards",
+    "bn_input_moments", "batchnorm_nodes", "batchnorm_indices", "subgraph_reads", "input_specs", "submodel", "shard_moments", "run_shards",
     "Progress",
 ]
 
@@ -39,9 +39,15 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]  # called with the number of batches just finished
 
 
+def batchnorm_indices(model: onnx.ModelProto) -> list[int]:
+    """Positions in ``model.graph.node`` of the main graph's BatchNormalization nodes."""
+    return [index for index, node in enumerate(model.graph.node)
+            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")]
+
+
 def batchnorm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The BatchNormalization nodes of the main graph, in graph order."""
-    return [node for node in model.graph.node if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")]
+    return [model.graph.node[index] for index in batchnorm_indices(model)]
 
 
 def input_specs(model: onnx.ModelProto, label: str = "model") -> list[ArraySpec]:
@@ -49,7 +55,7 @@ def input_specs(model: onnx.ModelProto, label: str = "model") -> list[ArraySpec]
     return [ArraySpec(spec.name, spec.dtype, spec.dims) for spec in feed_inputs(model, label)]
 
 
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Every name read inside ``node``'s graph attributes: outer-scope values they may capture."""
     names: set[str] = set()
     for attribute in node.attribute:
@@ -57,7 +63,7 @@ def _subgraph_names(node: onnx.NodeProto) -> set[str]:
         for graph in graphs:
             for inner in graph.node:
                 names.update(inner.input)
-                names |= _subgraph_names(inner)
+                names |= subgraph_reads(inner)
     return names
 
 
@@ -84,7 +90,7 @@ def submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
         needed_nodes.add(index)
         node = graph.node[index]
         wanted.extend(n for n in node.input if n)
-        wanted.extend(_subgraph_names(node))
+        wanted.extend(subgraph_reads(node))
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
     new = cut.graph
@@ -140,7 +146,7 @@ def shard_moments(model_bytes: bytes, shard: Dataset, names: Sequence[str], batc
     return [total if total is not None else Moments.empty(0) for total in totals]
 
 
-def _merge_shards(results: Iterable[list[Moments]]) -> list[Moments]:
+def _merge_shards(results: Iterable[list]) -> list:
     results = list(results)
     return [merge_all(column) for column in zip(*results)]
 
@@ -154,14 +160,19 @@ def _serialize(model: onnx.ModelProto) -> bytes:
 
 def run_shards(model: onnx.ModelProto, dataset: Dataset, names: Sequence[str], *, batch_size: int,
                executor: Executor | None = None, shards: int | None = None, threads: int = 1,
-               progress: Progress | None = None) -> list[Moments]:
-    """`shard_moments` over ``dataset`` split in shards, in this process or on ``executor``; merged."""
+               progress: Progress | None = None, work: Callable = shard_moments) -> list:
+    """``work`` (default `shard_moments`) over ``dataset`` split in shards, here or on ``executor``.
+
+    ``work(model_bytes, shard, names, batch_size, threads)`` must be a module-level function
+    returning a list of mergeable pieces (one per name); they are merged in shard order.
+    Shards are whole batches (`Dataset.shards`), so the batches are the same for any shard count.
+    """
     model_bytes = _serialize(model)
     if executor is None:
-        return shard_moments(model_bytes, dataset, names, batch_size, threads, progress)
+        return work(model_bytes, dataset, names, batch_size, threads, progress)
     count = shards or max(1, 4 * int(getattr(executor, "_max_workers", 8) or 8))
     pieces = dataset.shards(count, batch_size)
-    futures = [executor.submit(shard_moments, model_bytes, piece, list(names), batch_size, threads) for piece in pieces]
+    futures = [executor.submit(work, model_bytes, piece, list(names), batch_size, threads) for piece in pieces]
     results = []
     for piece, future in zip(pieces, futures):
         results.append(future.result())

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnfold.moments import Moments, merge_all
+from bnfold.moments import BatchAverage, Moments, merge_all
 
 # All arithmetic is float64 and the data are O(1e3) values of magnitude <= ~10: the merged moments
 # differ from a one-shot float64 computation only by rounding, a few ulps times log(pieces).
@@ -99,3 +99,17 @@ def test_module_imports_numpy_only():
     code = "import sys, bnfold.moments; bad = [m for m in ('onnx', 'onnxruntime', 'click') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_batch_average_is_the_mean_of_batch_statistics_with_unbiased_variance():
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((n, 2, 3)) * np.array([1.0, 4.0]).reshape(1, 2, 1) + 2 for n in (5, 5, 2)]
+    average = merge_all(BatchAverage.from_batch(b) for b in batches)
+    assert average.batches == 3
+    # Each batch weighs the same whatever its size (update_bn with momentum=None).
+    expected_mean = np.mean([b.mean(axis=(0, 2)) for b in batches], axis=0)
+    expected_var = np.mean([b.transpose(1, 0, 2).reshape(2, -1).var(axis=1, ddof=1) for b in batches], axis=0)
+    np.testing.assert_allclose(average.mean, expected_mean, rtol=RTOL)
+    np.testing.assert_allclose(average.var, expected_var, rtol=RTOL)
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        BatchAverage.from_batch(np.zeros((1, 3)))
