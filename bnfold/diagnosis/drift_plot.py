@@ -1,7 +1,7 @@
 """``bnfold inspect --plot drift.png``: each BN's drift from the data, one column per BN.
 
 Top panel: the mean shift of every channel (moving mean against the data's, in data standard
-deviations); bottom panel: the variance ratio (log scale). The stale thresholds are drawn as
+deviations); bottom panel: the variance ratio, moving over data (log scale). The stale thresholds are drawn as
 lines, the worst channel of each BN as a larger marker. matplotlib is an optional extra
 (``pip install 'bnfold[plot]'``), used with its non-interactive Agg backend.
 """
@@ -49,18 +49,21 @@ def plot_drift(report: InspectReport, path: str | os.PathLike) -> None:
             values = np.asarray(bn.drift[key], dtype=np.float64)
             x = position + rng.uniform(-0.2, 0.2, size=values.size)
             axis.scatter(x, values, s=6, color=color, alpha=0.5, linewidths=0)
-            axis.scatter([position], [values.max()], s=40, color=color, marker="D")
+            worst = values.max() if key == "mean_shift" else values[np.argmax(np.abs(np.log(values)))]
+            axis.scatter([position], [worst], s=40, color=color, marker="D")
     top.axhline(MEAN_SHIFT, color="tab:red", linestyle="--", linewidth=1, label=f"stale: {MEAN_SHIFT} std")
-    bottom.axhline(VAR_RATIO, color="tab:red", linestyle="--", linewidth=1, label=f"stale: factor {VAR_RATIO}")
+    bottom.axhline(VAR_RATIO, color="tab:red", linestyle="--", linewidth=1, label=f"stale: a factor {VAR_RATIO}")
+    bottom.axhline(1 / VAR_RATIO, color="tab:red", linestyle="--", linewidth=1)
+    bottom.axhline(1.0, color="gray", linewidth=0.8)
     top.set_ylabel("|moving mean - data mean|\n/ data std")
-    bottom.set_ylabel("variance ratio\n(max / min)")
+    bottom.set_ylabel("moving variance\n/ data variance")
     bottom.set_yscale("log")
     top.set_title(f"BN statistics against the data: {report.model}", fontsize=10)
     bottom.set_xticks(range(len(measured)))
     bottom.set_xticklabels([bn.label for bn in measured], rotation=45 if len(measured) > 4 else 0,
                            ha="right" if len(measured) > 4 else "center", fontsize=8)
     for axis in (top, bottom):
-        axis.legend(loc="upper right", fontsize=8)
+        axis.legend(loc="best", fontsize=8)
         axis.grid(True, alpha=0.3)
     try:
         with atomic_path(path) as temporary:

@@ -72,14 +72,15 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, data: Any = None, *, run
     if batch < 2:
         raise BnfoldError(f"batch must be at least 2 to compare samples, got {batch}")
     model, label = _load(model, label)
+    dataset = _open_data(model, label, data) if data is not None else None  # bad data fails before any run
     report = _static(model, label)
     if run:
         _run_checks(model, label, report, batch=batch, seed=seed, threads=threads)
     else:
         report.checks["batch statistics"] = "cross-sample check not run (attributes only)"
         report.checks["not deterministic"] = "not run"
-    if data is not None:
-        _stale(model, data, report, batch_size=batch_size, threads=threads)
+    if dataset is not None:
+        _stale(model, dataset, report, batch_size=batch_size, threads=threads)
     else:
         report.checks["stale"] = "not run: no data (--data)"
     return report
@@ -145,6 +146,13 @@ def _run_checks(model: onnx.ModelProto, label: str, report: InspectReport, *, ba
     report.checks.update(found.checks)
 
 
+def _open_data(model: onnx.ModelProto, label: str, data: Any):
+    from bnfold.dataset import open_dataset
+    from bnfold.population import input_specs
+
+    return open_dataset(data, input_specs(model, label))
+
+
 def _stale(model: onnx.ModelProto, data: Any, report: InspectReport, *, batch_size: int, threads: int) -> None:
     from bnfold.diagnosis.staleness import drift, flag_stale
     from bnfold.population import bn_input_moments
@@ -163,3 +171,7 @@ def _stale(model: onnx.ModelProto, data: Any, report: InspectReport, *, batch_si
     samples = next(iter(moments.values())).count if moments else 0
     report.checks["stale"] = (f"measured {measured} BN input(s) over the data ({samples} values per channel),"
                               " the model as it is")
+    skipped = sum(bn.kind == "BatchNormalization" for bn in report.bns) - measured
+    if skipped:
+        report.checks["stale"] += (f"; {skipped} BN(s) not measured (inside control-flow bodies or functions,"
+                                   " or with statistics computed at run time)")

@@ -54,8 +54,9 @@ class BNDiagnosis:
         What ``bnfold convert`` would do: ``folded into 'conv1'``, ``decomposed`` or ``kept: <reason>``.
     flags : list of Flag
     drift : dict or None
-        With data: per channel ``mean_shift`` (|data mean - moving mean| / data std) and
-        ``var_ratio`` (max(v, d) / min(v, d) of moving and data variance), as lists, plus their maxima.
+        With data (`bnfold.diagnosis.staleness.drift`): per channel ``mean_shift``
+        (|moving mean - data mean| / data std) and ``var_ratio`` (moving / data variance), as
+        lists, the largest shift, the ratio furthest from 1, and the data's own mean and variance.
     """
 
     name: str
@@ -145,7 +146,12 @@ class InspectReport:
     def table(self) -> list[str]:
         """The per-BN table, columns aligned."""
         header = ["BN", "channels", "eps", "moving mean", "moving var", "convert", "flags"]
-        rows = [header] + [_row(bn) for bn in self.bns]
+        rows = [_row(bn) for bn in self.bns]
+        if any(bn.drift is not None for bn in self.bns):  # with data: the drift, before the flags
+            header[-1:-1] = ["mean shift", "var ratio"]
+            for row, bn in zip(rows, self.bns):
+                row[-1:-1] = _drift_cells(bn.drift)
+        rows = [header] + rows
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         return ["  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]).rstrip()
                 for row in rows]
@@ -190,6 +196,12 @@ def _row(bn: BNDiagnosis) -> list[str]:
     channels = "-" if bn.channels is None else str(bn.channels)
     flags = ", ".join(dict.fromkeys(flag.name for flag in bn.flags)) or "-"
     return [name, channels, eps, _range(bn.mean), _range(bn.var), _short(bn.convert), flags]
+
+
+def _drift_cells(drift: dict[str, Any] | None) -> list[str]:
+    if drift is None:
+        return ["-", "-"]
+    return [f"{drift['max_mean_shift']:.3g} std", f"{drift['worst_var_ratio']:.3g}"]
 
 
 def _short(text: str, limit: int = 48) -> str:

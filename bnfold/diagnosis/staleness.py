@@ -4,20 +4,21 @@ The exact per-channel mean and variance of every BN input over the data come fro
 `bnfold.population.bn_input_moments` (the model as it is, float64, streamed in batches, merged with
 Chan's formula): this module only compares them with the stored moving statistics.
 
-With ``m``, ``v`` the moving mean and variance, ``mu``, ``d`` the data's, and ``eps`` the BN's
-epsilon, per channel:
+With ``m``, ``v`` the moving mean and variance, ``mu``, ``d`` the data's (population variance),
+and ``eps`` the BN's epsilon, per channel (the units `bnfold recalibrate` reports in too):
 
-- mean shift ``|m - mu| / sqrt(d + eps)``: the error of the stored mean in units of the standard
-  deviation the BN divides by (``+ eps`` keeps a constant channel finite);
-- variance ratio ``max(v + eps, d + eps) / min(v + eps, d + eps)``: how far off the normalizing
-  variance is, in either direction (a factor of 2 too large and 2 too small both read 2).
+- mean shift ``|m - mu| / sqrt(d + eps)``: the error of the stored mean in units of the data's
+  standard deviation (``+ eps``, negligible unless the channel barely varies, is what the BN
+  divides by, and keeps a constant channel finite);
+- variance ratio ``(v + eps) / (d + eps)``: above 1 the stored variance is too large, below 1 too
+  small.
 
-A BN is flagged ``stale`` when some channel has a mean shift of `MEAN_SHIFT` (0.5) or more, or
-a variance ratio of `VAR_RATIO` (1.5) or more. Statistics equal to the data's give 0 and 1.
-Half a standard deviation moves every normalized value by 0.5, and a variance off by 1.5 scales
-them by 1.22 or 0.82: well past what sampling noise produces on a few hundred samples (the
-standard error of a mean over n samples is 1/sqrt(n) standard deviations: 0.05 at n = 400),
-and what the trainer's slow-EMA trap leaves behind.
+A BN is flagged ``stale`` when some channel has a mean shift of `MEAN_SHIFT` (0.5) or more, or a
+variance ratio of `VAR_RATIO` (1.5) or more, or of ``1 / VAR_RATIO`` (0.667) or less. Statistics
+equal to the data's give 0 and 1. Half a standard deviation moves every normalized value by 0.5,
+and a variance off by 1.5 scales them by 0.82 (or 1.22): well past what sampling noise produces
+on a few hundred samples (the standard error of a mean over n samples is 1/sqrt(n) standard
+deviations: 0.05 at n = 400), and what the trainer's slow-EMA trap leaves behind.
 """
 
 from __future__ import annotations
@@ -41,14 +42,16 @@ def drift(moving_mean, moving_var, data_mean, data_var, eps: float) -> dict[str,
     data_mean = np.asarray(data_mean, dtype=np.float64)
     data_var = np.asarray(data_var, dtype=np.float64) + eps
     shift = np.abs(moving_mean - data_mean) / np.sqrt(data_var)
-    ratio = np.maximum(moving_var, data_var) / np.minimum(moving_var, data_var)
+    ratio = moving_var / data_var
+    # The worst variance channel is the one furthest from 1 on a log scale (2 and 0.5 alike).
+    worst = int(np.argmax(np.abs(np.log(ratio))))
     return {
         "mean_shift": shift.tolist(),
         "var_ratio": ratio.tolist(),
         "max_mean_shift": float(shift.max()),
-        "max_var_ratio": float(ratio.max()),
+        "worst_var_ratio": float(ratio[worst]),
         "channel_mean_shift": int(np.argmax(shift)),
-        "channel_var_ratio": int(np.argmax(ratio)),
+        "channel_var_ratio": worst,
         "data_mean": data_mean.tolist(),
         "data_var": (data_var - eps).tolist(),
     }
@@ -57,11 +60,11 @@ def drift(moving_mean, moving_var, data_mean, data_var, eps: float) -> dict[str,
 def flag_stale(diagnosis: BNDiagnosis, result: dict[str, object]) -> None:
     """Add the ``stale`` flag to ``diagnosis`` if ``result`` (from `drift`) crosses a threshold."""
     diagnosis.drift = result
-    shift, ratio = result["max_mean_shift"], result["max_var_ratio"]
+    shift, ratio = result["max_mean_shift"], result["worst_var_ratio"]
     parts = []
     if shift >= MEAN_SHIFT:
         parts.append(f"moving mean off by {shift:.3g} std in channel {result['channel_mean_shift']}")
-    if ratio >= VAR_RATIO:
-        parts.append(f"moving variance off by a factor {ratio:.3g} in channel {result['channel_var_ratio']}")
+    if ratio >= VAR_RATIO or ratio <= 1 / VAR_RATIO:
+        parts.append(f"moving variance {ratio:.3g} x the data's in channel {result['channel_var_ratio']}")
     if parts:
-        diagnosis.add("stale", "; ".join(parts) + f" (thresholds: {MEAN_SHIFT} std, factor {VAR_RATIO})")
+        diagnosis.add("stale", "; ".join(parts) + f" (thresholds: {MEAN_SHIFT} std, a factor {VAR_RATIO})")
