@@ -18,8 +18,8 @@ Rules (cited in the code as "rule N"):
    tensor depends on (itself included), the first node whose inputs are all clean and one of
    whose outputs is mixed or batch-wide (the ReduceMean over axis 0 of a ``training=True``
    export, or a BatchNormalization with ``training_mode=1``).
-3. The batch check needs a batch axis: the first axis of every fed input is symbolic, or static
-   and >= 2 (then the batch has that length). Otherwise it does not run and the report says why.
+3. The batch check needs a batch axis: the first axis of every fed input of rank >= 1 is
+   symbolic, or static and >= 2 (then the batch has that length); scalar inputs keep one value. Otherwise it does not run and the report says why.
    Random tensors (rule 1) are not compared.
 """
 
@@ -47,11 +47,13 @@ class RuntimeFindings:
 
 
 def _batch_length(specs: list[InputSpec], default: int) -> tuple[int | None, str | None]:
-    """Rule 3: the batch length to use, or None and why the batch check cannot run."""
+    """Rule 3: the batch length to use, or None and why the batch check cannot run. Scalar inputs
+    (a training flag, a threshold) are not batched: they keep their value in every run."""
     static = set()
-    for spec in specs:
-        if not spec.dims:
-            return None, f"input '{spec.name}' is a scalar: no batch axis"
+    batched = [spec for spec in specs if spec.dims]
+    if not batched:
+        return None, "no input has a batch axis (no inputs, or scalars only)"
+    for spec in batched:
         first = spec.dims[0]
         if isinstance(first, int):
             if first < 2:
@@ -94,7 +96,8 @@ def check_runtime(model: onnx.ModelProto, label: str, *, batch: int = 4, seed: i
     rng = np.random.default_rng(seed)
     length, why_not = _batch_length(specs, batch)
     sess, names = _runner(model, label, threads)
-    feeds = random_inputs(specs, batch=length or 1, rng=rng)
+    # np.asarray: a scalar bool input is drawn as a NumPy scalar, which onnxruntime refuses.
+    feeds = {name: np.asarray(value) for name, value in random_inputs(specs, batch=length or 1, rng=rng).items()}
     first = dict(zip(names, run(sess, names, feeds, label)))
     second = dict(zip(names, run(sess, names, feeds, label)))
     random = [name for name in names if not _equal(first[name], second[name])]
@@ -114,6 +117,8 @@ def check_runtime(model: onnx.ModelProto, label: str, *, batch: int = 4, seed: i
     changed = dict(feeds)
     fresh = random_inputs(specs, batch=length, rng=rng)
     for spec in specs:
+        if not spec.dims:
+            continue
         array = np.array(feeds[spec.name], copy=True)
         array[-1] = fresh[spec.name][-1]
         changed[spec.name] = array
@@ -124,8 +129,10 @@ def check_runtime(model: onnx.ModelProto, label: str, *, batch: int = 4, seed: i
     decided_by = mixed_outputs
     if not mixed_outputs and all(state.get(name) == "random" for name in outputs):
         decided_by = [name for name in names if state[name] == "mixed"]
+    scalars = [f"{spec.name}={feeds[spec.name].item()!r}" for spec in specs if not spec.dims]
+    given = f" (scalar inputs: {', '.join(scalars)})" if scalars else ""
     checks["batch statistics"] = (f"ran on a batch of {length}, changed sample {length - 1},"
-                                  f" compared the other samples in {len(names)} tensors")
+                                  f" compared the other samples in {len(names)} tensors{given}")
     if random:
         checks["batch statistics"] += f" ({len(random)} random tensors not compared)"
     if decided_by:
@@ -135,7 +142,7 @@ def check_runtime(model: onnx.ModelProto, label: str, *, batch: int = 4, seed: i
                  if start is not None else f"'{mixed}'")
         subject = f"output '{mixed_outputs[0]}'" if mixed_outputs else f"tensor '{decided_by[0]}'"
         flags.append(Flag("batch statistics", "wrong",
-                          f"{subject} of samples 0..{length - 2} changes when only sample {length - 1} changes:"
+                          f"{subject} of samples 0..{length - 2} changes when only sample {length - 1} changes{given}:"
                           f" the model normalizes over the batch; samples first mix at {where}"))
     return RuntimeFindings(flags, checks)
 

@@ -160,6 +160,7 @@ class InspectReport:
         """What ``bnfold inspect`` prints: the table, flag details, the checks, a summary line."""
         out = self.table() if self.bns else ["no BatchNormalization (and no decomposed BN) in the model"]
         details = [f"{flag.level}: {where}: {flag.text()}" for where, flag in self.all_flags()]
+        details += [f"{bn.label}: {bn.convert}" for bn in self.bns if bn.convert.startswith("kept")]
         if details:
             out.append("")
             out.extend(details)
