@@ -157,6 +157,9 @@ def _stale(model: onnx.ModelProto, data: Any, report: InspectReport, *, batch_si
     from bnfold.diagnosis.staleness import drift, flag_stale
     from bnfold.population import bn_input_moments
 
+    if not report._parameters:
+        report.checks["stale"] = "nothing to measure: no BatchNormalization node with constant statistics"
+        return
     moments = bn_input_moments(model, data, batch_size=batch_size, threads=threads)
     measured = 0
     for position, params in report._parameters.items():

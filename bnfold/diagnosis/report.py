@@ -158,7 +158,9 @@ class InspectReport:
 
     def lines(self) -> list[str]:
         """What ``bnfold inspect`` prints: the table, flag details, the checks, a summary line."""
-        out = self.table() if self.bns else ["no BatchNormalization (and no decomposed BN) in the model"]
+        out = self.table() if self.bns else [
+            "no BatchNormalization (and no decomposed BN) in the model: no statistics to inspect (exporters"
+            " fold Conv+BN themselves unless told not to, e.g. PyTorch's do_constant_folding=False)"]
         details = [f"{flag.level}: {where}: {flag.text()}" for where, flag in self.all_flags()]
         details += [f"{bn.label}: {bn.convert}" for bn in self.bns if bn.convert.startswith("kept")]
         if details:
