@@ -75,7 +75,11 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, data: Any = None, *, run
     dataset = _open_data(model, label, data) if data is not None else None  # bad data fails before any run
     report = _static(model, label)
     if run:
-        _run_checks(model, label, report, batch=batch, seed=seed, threads=threads)
+        try:
+            _run_checks(model, label, report, batch=batch, seed=seed, threads=threads)
+        except BnfoldError as exc:  # e.g. an operator onnxruntime lacks: the rest of the report stands
+            for name in ("batch statistics", "not deterministic"):
+                report.checks[name] = f"not run: {exc}"
     else:
         report.checks["batch statistics"] = "cross-sample check not run (attributes only)"
         report.checks["not deterministic"] = "not run"

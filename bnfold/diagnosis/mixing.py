@@ -33,11 +33,14 @@ import onnx
 
 from bnfold.diagnosis.report import Flag
 from bnfold.errors import BnfoldError
-from bnfold.runtime import InputSpec, expose, feed_inputs, random_inputs, run, session
+from bnfold.runtime import InputSpec, concrete_shape, expose, feed_inputs, random_inputs, run, session
 
 __all__ = ["RuntimeFindings", "check_runtime"]
 
 log = logging.getLogger(__name__)
+
+#: The runs keep every intermediate tensor of three runs: inputs beyond this are not drawn.
+MAX_INPUT_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -89,12 +92,24 @@ def _runner(model: onnx.ModelProto, label: str, threads: int):
         return session(model, label, threads), [o.name for o in model.graph.output]
 
 
-def check_runtime(model: onnx.ModelProto, label: str, *, batch: int = 4, seed: int = 0,
-                  threads: int = 1) -> RuntimeFindings:
-    """Run rules 1-3 on ``model``; raises `BnfoldError` if onnxruntime cannot run it."""
+def _input_bytes(specs: list[InputSpec], length: int) -> int:
+    return sum(int(np.prod(concrete_shape(spec, length), dtype=np.float64)) * spec.dtype.itemsize for spec in specs)
+
+
+def check_runtime(model: onnx.ModelProto, label: str, *, batch: int = 4, seed: int = 0, threads: int = 1,
+                  max_bytes: int = MAX_INPUT_BYTES) -> RuntimeFindings:
+    """Run rules 1-3 on ``model``; raises `BnfoldError` if onnxruntime cannot run it.
+
+    Inputs larger than ``max_bytes`` in total (static dimensions can be absurd) are not drawn:
+    both checks then say they did not run.
+    """
     specs = feed_inputs(model, label)
     rng = np.random.default_rng(seed)
     length, why_not = _batch_length(specs, batch)
+    needed = _input_bytes(specs, length or 1)
+    if needed > max_bytes:
+        why = f"not run: the random inputs would take {needed / 2**20:.0f} MiB (limit {max_bytes / 2**20:.0f} MiB)"
+        return RuntimeFindings([], {"not deterministic": why, "batch statistics": why})
     sess, names = _runner(model, label, threads)
     # np.asarray: a scalar bool input is drawn as a NumPy scalar, which onnxruntime refuses.
     feeds = {name: np.asarray(value) for name, value in random_inputs(specs, batch=length or 1, rng=rng).items()}

@@ -134,3 +134,18 @@ def test_healthy_exports(name):
 def test_pytorch_never_updated_export():
     report = bnfold.inspect(fixture("torch_never_updated"))
     assert [name for name in {f.name for _, f in report.all_flags()}] == ["never updated"]
+
+
+def test_absurd_static_batch_is_not_drawn():
+    model = normalize_over(0)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 10**12
+    report = bnfold.inspect(model)
+    assert "not run: the random inputs would take" in report.checks["batch statistics"]
+    assert report.ok  # nothing found, and said why
+
+
+def test_model_onnxruntime_cannot_run_is_still_inspected():
+    model = model_of([helper.make_node("NoSuchOp", ["x"], ["out"], domain="custom.domain", name="mystery")])
+    model.opset_import.append(helper.make_opsetid("custom.domain", 1))
+    report = bnfold.inspect(model)
+    assert report.checks["batch statistics"].startswith("not run: model: onnxruntime cannot load the model")
