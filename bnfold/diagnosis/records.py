@@ -75,8 +75,9 @@ def diagnose_static(model: onnx.ModelProto, *, dry_run: bool = True
     """Per-BN diagnoses from the file (rules 1-6), the fold pass's refusal if any (rule 2), and the
     constant parameters of each BN node, keyed by the position of its diagnosis in the list.
 
-    ``dry_run=False`` skips the fold pass (``convert`` folds anyway, once): no ``convert`` column,
-    no decomposed BNs, and the float16 check sees only each BN's own scale and shift.
+    ``dry_run=False`` is ``convert``'s check, before its own fold pass: only the wrong flags
+    (training mode, never updated, what the fold pass's validation accepts of invalid), no
+    ``convert`` column, no decomposed BNs, no warnings.
     """
     from bnfold.folding import fold
 
@@ -99,7 +100,7 @@ def diagnose_static(model: onnx.ModelProto, *, dry_run: bool = True
             if node.op_type == _BN and node.domain in _DEFAULT_DOMAINS:
                 key = (index.path, node_label(node))
                 seen.add(key)
-                diagnosis, params = _batchnorm(node, index, entries.get(key), fold_error, folded_tensors)
+                diagnosis, params = _batchnorm(node, index, entries.get(key), fold_error, folded_tensors, dry_run)
                 if params is not None:
                     parameters[len(diagnoses)] = params
                 diagnoses.append(diagnosis)
@@ -175,25 +176,32 @@ def _epsilon(node: onnx.NodeProto) -> float | None:
 
 
 def _batchnorm(node: onnx.NodeProto, index: GraphIndex, entry: FoldEntry | None, fold_error: str | None,
-               folded_tensors: dict[str, onnx.TensorProto]) -> tuple[BNDiagnosis, BatchNormParams | None]:
+               folded_tensors: dict[str, onnx.TensorProto], full: bool) -> tuple[BNDiagnosis, BatchNormParams | None]:
     eps = _epsilon(node)
     diagnosis = BNDiagnosis(name=node_label(node), graph=index.path, kind=_BN, epsilon=eps,
                             convert=_convert_text(entry, fold_error), input=node.input[0] if node.input else None)
     reason = training_mode_reason(node, index.opset(""))
     if reason is not None:
         diagnosis.add("batch statistics", reason)
-    invalid = _invalid(node, index, eps)
-    if invalid is not None:
-        diagnosis.add("invalid", invalid)
+    # Without the dry run (``convert``'s check) the fold pass that follows validates the BN
+    # itself, and refuses it with the same message: only what it accepts is checked here.
+    invalid = _validation_error(node, index) if full else None
     params = index.read_batchnorm(node)
     if isinstance(params, Skip):
         log.debug("BN %s: parameters not read: %s", diagnosis.name, params.reason)
+        if invalid is not None:
+            diagnosis.add("invalid", invalid)
         return diagnosis, None
-    diagnosis.channels = params.channels
-    diagnosis.mean, diagnosis.var = _summary(params.mean), _summary(params.var)
-    if np.all(np.asarray(params.mean) == 0) and np.all(np.asarray(params.var) == 1):  # rule 4
+    invalid = invalid or _invalid_values(params, eps)
+    if invalid is not None:
+        diagnosis.add("invalid", invalid)
+    if np.all(params.mean == 0) and np.all(params.var == 1):  # rule 4
         diagnosis.add("never updated", f"moving mean is exactly 0 and moving variance exactly 1 in all"
                       f" {params.channels} channels: the statistics were never updated in training")
+    if not full:
+        return diagnosis, params
+    diagnosis.channels = params.channels
+    diagnosis.mean, diagnosis.var = _summary(params.mean), _summary(params.var)
     gamma = np.asarray(params.gamma, dtype=np.float64)
     dead = np.flatnonzero(gamma == 0)
     if dead.size:
@@ -210,26 +218,27 @@ def _batchnorm(node: onnx.NodeProto, index: GraphIndex, entry: FoldEntry | None,
     return diagnosis, params
 
 
-def _invalid(node: onnx.NodeProto, index: GraphIndex, eps: float | None) -> str | None:
-    """Rule 3."""
+def _validation_error(node: onnx.NodeProto, index: GraphIndex) -> str | None:
+    """Rule 3, the fold pass's own validation, as a message without the node's name."""
     prefix = f"BatchNormalization '{node_label(node)}' in {index.path}: "
     try:
         validate_batchnorm(node, index)
     except BnfoldError as exc:
         message = str(exc)
         return message[len(prefix):] if message.startswith(prefix) else message
+    return None
+
+
+def _invalid_values(params: BatchNormParams, eps: float | None) -> str | None:
+    """Rule 3, what the fold pass accepts: epsilon 0, NaN or infinite gamma, beta, mean."""
     if eps is not None and eps == 0:
         return "epsilon is 0: a channel whose variance is 0 divides by zero"
-    for position, role in ((1, "gamma"), (2, "beta"), (3, "mean")):
-        if len(node.input) <= position or not node.input[position]:
-            continue
-        value = index.constant(node.input[position])
-        if value is None:
-            continue
-        bad = np.flatnonzero(~np.isfinite(np.asarray(value, dtype=np.float64).reshape(-1)))
+    for role, values in (("scale", params.gamma), ("bias", params.beta), ("mean", params.mean)):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(values, dtype=np.float64)))
         if bad.size:
             channel = int(bad[0])
-            return f"{role} '{node.input[position]}' channel {channel} is {float(np.ravel(value)[channel])!r}"
+            what = {"scale": "gamma", "bias": "beta", "mean": "mean"}[role]
+            return f"{what} '{params.names[role]}' channel {channel} is {float(values[channel])!r}"
     return None
 
 
