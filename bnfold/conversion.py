@@ -68,7 +68,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
             keep_failing_unfolded: bool = False, json_path: str | os.PathLike | None = None,
             inputs: str | os.PathLike | Mapping[str, Any] | None = None, rtol: float | None = None,
             atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
-            max_bytes: int = 2 * 1024**3, strict: bool = False,
+            max_bytes: int = 2 * 1024**3, pins: Mapping[str, Any] | None = None, strict: bool = False,
             warn: Callable[[str], None] | None = None) -> ConvertResult:
     """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.
 
@@ -85,8 +85,10 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         Compare OUT with IN in onnxruntime before writing (``False`` never imports onnxruntime).
     check : bool
         Run ``onnx.checker.check_model(full_check=True)`` on OUT before writing it.
-    decompose_rest, keep_initializer_inputs :
-        Options of `bnfold.folding.fold`.
+    decompose_rest, keep_initializer_inputs, pins :
+        Options of `bnfold.folding.fold`. ``pins`` fixes training-switch inputs
+        (``{"training:0": False}``; ``--set``); OUT is then verified against IN run with those
+        values.
     keep_failing_unfolded : bool
         If verification fails, leave the BNs responsible unfolded and write the verified rest.
     json_path : path, optional
@@ -119,10 +121,12 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     out = Path(output_path) if output_path is not None else source
     _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
     model, external, size_before, in_bytes = _load(source)
-    statistics = _statistics(model, str(source), out, run=verify, threads=threads, strict=strict, warn=warn)
+    statistics = _statistics(model, pins, str(source), out, run=verify, threads=threads, strict=strict, warn=warn)
     loaded = time.perf_counter()
 
     fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
+    if pins:
+        fold_options["pins"] = dict(pins)
     folded, report = _fold(model, fold_options)
     fold_done = time.perf_counter()
 
@@ -133,7 +137,9 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     if verify:
         options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
                    "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}")}
-        folded, report, verification = _verify(model, folded, report, fold_options, options,
+        # Pinned switches: the reference is IN run with the pinned values (its own default otherwise).
+        reference = _pinned_reference(model, pins)
+        folded, report, verification = _verify(reference, folded, report, fold_options, options,
                                                keep_failing_unfolded, result)
         verification.reference, verification.candidate = str(source), str(out)
         result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok)
@@ -166,16 +172,28 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     return ConvertResult(data=result, report=report, verification=verification)
 
 
-def _statistics(model: onnx.ModelProto, label: str, out: Path, *, run: bool, threads: int, strict: bool,
-                warn: Callable[[str], None] | None) -> list[dict[str, str]]:
+def _statistics(model: onnx.ModelProto, pins: Mapping[str, Any] | None, label: str, out: Path, *, run: bool,
+                threads: int, strict: bool, warn: Callable[[str], None] | None) -> list[dict[str, str]]:
     """The wrong statistics flags of ``model`` (`bnfold.diagnosis.preflight`); raise under ``strict``."""
     from bnfold.diagnosis import preflight
+
+    if pins:  # checked as the model will run: with the pinned switch values
+        try:
+            model = _pinned_reference(model, pins)
+        except BnfoldError:
+            pass  # a bad pin: the fold pass, next, says what is wrong with it
 
     wrong = preflight(model, label, run=run, threads=threads, warn=warn).wrong
     if strict and wrong:
         names = ", ".join(dict.fromkeys(f"{flag.name} ('{where}')" for where, flag in wrong))
         raise VerificationError(f"{out}: not written: --strict and the statistics are wrong: {names}")
     return [{"where": where, "flag": flag.name, "detail": flag.detail} for where, flag in wrong]
+
+
+def _pinned_reference(model: onnx.ModelProto, pins: Mapping[str, Any]) -> onnx.ModelProto:
+    from bnfold.folding.switches import pinned_reference
+
+    return pinned_reference(model, pins)
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:

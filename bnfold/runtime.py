@@ -89,12 +89,13 @@ def random_inputs(specs: Sequence[InputSpec], *, batch: int,
     for spec in specs:
         shape = concrete_shape(spec, batch)
         kind = spec.dtype.kind
+        # np.asarray: for a scalar input (shape ()) NumPy returns a scalar, which onnxruntime refuses.
         if kind == "f" or spec.dtype.name == "bfloat16":
-            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            arrays[spec.name] = np.asarray(rng.standard_normal(shape).astype(spec.dtype))
         elif kind in "iu":
-            arrays[spec.name] = rng.integers(0, 4, size=shape).astype(spec.dtype)
+            arrays[spec.name] = np.asarray(rng.integers(0, 4, size=shape).astype(spec.dtype))
         elif kind == "b":
-            arrays[spec.name] = rng.random(shape) < 0.5
+            arrays[spec.name] = np.asarray(rng.random(shape) < 0.5)
         else:
             raise BnfoldError(
                 f"input '{spec.name}' has dtype {spec.dtype.name}, for which bnfold cannot draw random"

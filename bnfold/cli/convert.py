@@ -28,6 +28,10 @@ __all__ = ["command"]
 @click.option("--decompose-rest", is_flag=True, help="Rewrite BNs that cannot be folded as one Mul + Add by constants.")
 @click.option("--keep-initializer-inputs", is_flag=True,
               help="Leave BNs whose parameters are initializers listed as graph inputs unfolded (IR < 4 models).")
+@click.option("--set", "pins", multiple=True, metavar="NAME=VALUE",
+              help="Fix the graph input NAME that selects If branches (a training switch such as tf2onnx's"
+                   " training:0) to VALUE, inline the branches it selects and remove the input; repeatable."
+                   " Inputs with a default (an initializer) are fixed to it without --set.")
 @click.option("--keep-failing-unfolded", is_flag=True,
               help="If verification fails, leave the BNs responsible unfolded and write the (verified) rest.")
 @click.option("--json", "json_path", type=click.Path(), default=None,
@@ -35,7 +39,7 @@ __all__ = ["command"]
 @click.option("--strict", is_flag=True,
               help="Refuse (exit 1, OUT not written) when BN statistics look wrong (see bnfold inspect).")
 def command(input_path: str, output_path: str | None, force: bool, in_place: bool, no_verify: bool, check: bool,
-            decompose_rest: bool, keep_initializer_inputs: bool, keep_failing_unfolded: bool,
+            decompose_rest: bool, keep_initializer_inputs: bool, pins: tuple[str, ...], keep_failing_unfolded: bool,
             json_path: str | None, strict: bool, **params: Any) -> None:
     """Fold BatchNormalization in the ONNX model IN into its neighbours and write OUT.
 
@@ -43,8 +47,15 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
     (never updated, invalid, batch statistics, not deterministic) are printed as warnings before
     folding. Exit code 0 on success, 1 if verification failed or, with --strict, if a statistics
     warning was printed (OUT is then not written), 2 on usage or input errors.
+
+    If nodes whose condition is known are replaced by the branch it selects first: constant
+    conditions, inputs fixed with --set, and graph inputs that have a default value (the
+    training:0 of tf.compat.v1 graphs), which are fixed to it and removed; the report says so.
     """
     from bnfold.conversion import convert
+    from bnfold.folding.switches import parse_pins
+
+    pinned = parse_pins(pins)
 
     def warn(line: str) -> None:
         click.echo(printable(f"warning: {line}"))
@@ -52,7 +63,8 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
     try:
         result = convert(input_path, output_path, force=force, in_place=in_place, verify=not no_verify, check=check,
                          decompose_rest=decompose_rest, keep_initializer_inputs=keep_initializer_inputs,
-                         keep_failing_unfolded=keep_failing_unfolded, json_path=json_path, strict=strict, warn=warn,
+                         keep_failing_unfolded=keep_failing_unfolded, json_path=json_path, pins=pinned,
+                         strict=strict, warn=warn,
                          **verify_kwargs(params))
     except VerificationError as exc:
         if exc.report is not None:

@@ -80,7 +80,9 @@ def verify_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 @click.argument("candidate", type=click.Path(dir_okay=True))
 @verification_options
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the report as JSON to this file.")
-def command(reference: str, candidate: str, json_path: str | None, **params: Any) -> None:
+@click.option("--set", "pins", multiple=True, metavar="NAME=VALUE",
+              help="Run REFERENCE with its input NAME fixed to VALUE, as `convert --set` fixed it in CANDIDATE; repeatable.")
+def command(reference: str, candidate: str, json_path: str | None, pins: tuple[str, ...], **params: Any) -> None:
     """Compare two ONNX models in onnxruntime (graph optimizations disabled) on the same inputs.
 
     For every output both models share: max|a - b| <= atol + rtol * max|a|, with a the reference.
@@ -94,7 +96,15 @@ def command(reference: str, candidate: str, json_path: str | None, **params: Any
         if Path(json_path).resolve() in (Path(reference).resolve(), Path(candidate).resolve()):
             raise BnfoldError(f"{json_path}: the JSON report would overwrite an input model")
         check_output_path(json_path, overwrite=True)
-    report = verify(reference, candidate, **verify_kwargs(params))
+    reference_model: Any = reference
+    names = None
+    if pins:
+        from bnfold.folding.switches import parse_pins, pinned_reference
+        from bnfold.io import load_model
+
+        reference_model = pinned_reference(load_model(reference), parse_pins(pins))
+        names = (f"{reference} ({', '.join(pins)})", candidate)
+    report = verify(reference_model, candidate, names=names, **verify_kwargs(params))
     for line in report.lines():
         click.echo(printable(line))
     if json_path is not None:

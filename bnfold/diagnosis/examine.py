@@ -125,7 +125,8 @@ def _switches(model: onnx.ModelProto, report: InspectReport) -> None:
     for switch in switches.find_switches(model):
         described = _describe_switch(switch)
         report.switches.append(described)
-        report.flags.append(Flag("training switch", "warning", described["text"]))
+        text = described["text"]
+        report.flags.append(Flag("training switch", "warning", text.removeprefix("training switch ")))
 
 
 def _describe_switch(switch: Any) -> dict[str, Any]:

@@ -6,7 +6,8 @@ Rules (cited in the code as "rule N"):
    visible) and model-local functions, through the fold pass's own `GraphIndex`, so that a
    parameter is "constant" exactly when the fold pass would find it constant.
 2. ``convert`` column: a dry run of `bnfold.folding.fold` on the model; each BN gets its
-   `FoldEntry`'s outcome and reason. Entries that are not BatchNormalization nodes are the fold
+   `FoldEntry`'s outcome and reason. A BN inside a branch of an ``If`` that the pass resolved (a
+   training switch) gets the entry of its inlined copy, or "removed" if its branch was not taken. Entries that are not BatchNormalization nodes are the fold
    pass's decomposed BNs (per-channel Mul / Add chains) and get a `BNDiagnosis` of their own. If the
    pass refuses the model (an invalid BN), that refusal is reported and every BN says so.
 3. ``invalid`` (wrong): the fold pass's own validation (`validate_batchnorm`: negative or
@@ -88,6 +89,8 @@ def diagnose_static(model: onnx.ModelProto, *, dry_run: bool = True
         except BnfoldError as exc:
             fold_error = str(exc)
     entries = {(entry.graph, entry.bn): entry for entry in report.entries}
+    resolved = {path: switch for switch in report.switches for path in switch.ifs}
+    inlined = {entry.bn: entry for entry in report.entries}
     folded_tensors = _initializers(folded) if folded is not None else {}
     ctx = ModelContext(model, FoldOptions(), FoldReport())
     diagnoses: list[BNDiagnosis] = []
@@ -99,8 +102,14 @@ def diagnose_static(model: onnx.ModelProto, *, dry_run: bool = True
         for node in index.nodes:
             if node.op_type == _BN and node.domain in _DEFAULT_DOMAINS:
                 key = (index.path, node_label(node))
-                seen.add(key)
-                diagnosis, params = _batchnorm(node, index, entries.get(key), fold_error, folded_tensors, dry_run)
+                entry, switch = entries.get(key), resolved.get(index.path.rsplit(".", 1)[0])
+                if entry is None and switch is not None:  # rule 2: its If was resolved and inlined
+                    entry = inlined.get(node_label(node))
+                if entry is not None:
+                    seen.add((entry.graph, entry.bn))
+                diagnosis, params = _batchnorm(node, index, entry, fold_error, folded_tensors, dry_run)
+                if switch is not None and fold_error is None:
+                    diagnosis.convert = _switched(diagnosis.convert, entry, switch)
                 if params is not None:
                     parameters[len(diagnoses)] = params
                 diagnoses.append(diagnosis)
@@ -140,6 +149,14 @@ def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def _summary(values: np.ndarray) -> dict[str, float]:
     values = np.asarray(values, dtype=np.float64)
     return {"min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def _switched(text: str, entry: FoldEntry | None, switch) -> str:
+    """The ``convert`` column of a BN inside a branch of an ``If`` the fold pass resolved."""
+    where = "a constant condition" if switch.input is None else f"'{switch.input}' = {switch.value}"
+    if entry is None:
+        return f"removed: {where} selects the other branch"
+    return f"{text} ({where} resolved first)"
 
 
 def _convert_text(entry: FoldEntry | None, fold_error: str | None) -> str:

@@ -168,8 +168,6 @@ class InspectReport:
             out.extend(details)
         if self.fold_error:
             out.append(f"convert would refuse the model: {self.fold_error}")
-        for switch in self.switches:
-            out.append(f"switch: {switch['text']}")
         out.append("")
         out.extend(f"check {name}: {state}" for name, state in self.checks.items())
         out.append(self.summary())
@@ -207,5 +205,5 @@ def _drift_cells(drift: dict[str, Any] | None) -> list[str]:
     return [f"{drift['max_mean_shift']:.3g} std", f"{drift['worst_var_ratio']:.3g}"]
 
 
-def _short(text: str, limit: int = 48) -> str:
+def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."

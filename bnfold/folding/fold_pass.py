@@ -16,7 +16,11 @@ Rules (cited in the code as "rule N"):
 5. Otherwise the patterns of `PATTERN_MODULES` are tried in order (into the producer, into the
    consumer, decomposed Mul/Add); the first `Rewrite` is applied. If none folds, the BN is kept
    with the patterns' reasons.
-6. Afterwards initializers that folding left unused are removed (and, if they were also graph
+6. Before anything else, ``If`` nodes whose condition is known (constants, ``pins``, and unless
+   ``keep_initializer_inputs`` the default of an initializer-backed input: a tf.compat.v1
+   training switch) are replaced by the branch they select (`bnfold.folding.switches`), so the
+   BNs inside fold like any other; the report notes each switch.
+7. Afterwards initializers that folding left unused are removed (and, if they were also graph
    inputs, removed from the inputs); stale value_info goes with the values it described. A model
    with IR version < 4 that changed is raised to IR 4, the lowest version in which initializers
    need not be graph inputs; the report says so.
@@ -27,7 +31,8 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -50,6 +55,7 @@ from bnfold.folding.graph import (
     validate_batchnorm,
 )
 from bnfold.folding.report import FoldEntry, FoldReport
+from bnfold.folding.switches import resolve_switches, switch_inputs
 
 __all__ = ["fold", "FoldBatchNormPass", "PATTERN_MODULES", "load_patterns"]
 
@@ -83,6 +89,7 @@ def fold(
     decompose_rest: bool = False,
     keep_initializer_inputs: bool = False,
     exclude: Collection[str] = (),
+    pins: Mapping[str, Any] | None = None,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every BatchNormalization of ``model`` that can be folded exactly.
 
@@ -97,6 +104,9 @@ def fold(
         kept) instead of constants.
     exclude : collection of str
         Names of BN nodes to leave unfolded (reason ``"excluded"``).
+    pins : mapping of str to value, optional
+        Graph inputs that select ``If`` branches (training switches) -> the value to fix them to
+        (`bnfold.folding.switches.resolve_switches`, rule 6).
 
     Returns
     -------
@@ -107,14 +117,16 @@ def fold(
         keep_initializer_inputs=keep_initializer_inputs,
         exclude=frozenset(exclude),
     )
-    return FoldBatchNormPass(options).run(model)
+    return FoldBatchNormPass(options, pins=pins).run(model)
 
 
 class FoldBatchNormPass:
     """The pass object: ``FoldBatchNormPass(options).run(model) -> (model, report)``."""
 
-    def __init__(self, options: FoldOptions | None = None, patterns: list[Pattern] | None = None) -> None:
+    def __init__(self, options: FoldOptions | None = None, patterns: list[Pattern] | None = None, *,
+                 pins: Mapping[str, Any] | None = None) -> None:
         self.options = options or FoldOptions()
+        self.pins = dict(pins or {})
         self.patterns = load_patterns() if patterns is None else list(patterns)
         self._by_anchor: dict[str, list[Pattern]] = {}
         for pat in self.patterns:
@@ -125,8 +137,13 @@ class FoldBatchNormPass:
         if not isinstance(model, onnx.ModelProto):
             raise BnfoldError(f"fold expects an onnx.ModelProto, got {type(model).__name__}")
         start = time.perf_counter()
+        model, switches = resolve_switches(  # rule 6; never modifies the caller's model
+            model, self.pins, defaults=not self.options.keep_initializer_inputs)
         out = _copy_without_initializers(model)  # rule 1
-        report = FoldReport()
+        report = FoldReport(switches=switches, notes=[switch.line() for switch in switches])
+        for name, ifs in switch_inputs(model).items():
+            report.notes.append(f"input '{name}' decides {len(ifs)} If node(s) and is not fixed: BNs in their branches"
+                                f" stay unfolded; --set {name}=VALUE fixes it")
         ctx = ModelContext(out, self.options, report, original=model)
         main = GraphIndex.for_graph(out.graph, ctx, "main", initializers=model.graph.initializer)
         changed = self._visit_graph(main)
@@ -329,7 +346,7 @@ def _dead_initializers(model: onnx.ModelProto, ctx: ModelContext) -> set[str]:
 
 
 def _cleanup(model: onnx.ModelProto, ctx: ModelContext, dead: set[str], removed: list[str]) -> None:
-    """Rule 6. ``removed``: the input model's main-graph initializers not copied (dead)."""
+    """Rule 7. ``removed``: the input model's main-graph initializers not copied (dead)."""
     if dead:
         removed = list(removed)
         _prune_initializers(model.graph, dead, removed)

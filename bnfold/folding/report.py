@@ -67,11 +67,15 @@ class FoldReport:
     subnormals_flushed : int
         Folded values that were subnormal in their dtype and were set to zero (subnormal
         arithmetic is several times slower on CPUs).
+    switches : list of bnfold.folding.switches.ResolvedSwitch
+        The ``If`` nodes replaced by the branch their condition selects, by switch input
+        (also in ``notes``).
     """
 
     entries: list[FoldEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     subnormals_flushed: int = 0
+    switches: list[Any] = field(default_factory=list)
 
     @property
     def folded(self) -> int:
@@ -102,6 +106,7 @@ class FoldReport:
             "total": self.total,
             "subnormals_flushed": self.subnormals_flushed,
             "notes": list(self.notes),
+            "switches": [switch.to_dict() for switch in self.switches],
             "entries": [asdict(entry) for entry in self.entries],
         }
 

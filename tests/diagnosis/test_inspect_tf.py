@@ -64,18 +64,40 @@ def test_training_true_exports(name, start):
     assert f"samples first mix at {start}" in flag.detail
 
 
-def test_training_switch_with_its_default_is_healthy():
-    """``placeholder_with_default(False)``: the If selects the moving statistics unless fed; with
-    the default, nothing mixes. Every BN in both branches is listed."""
+def test_training_switch_is_reported_with_each_value():
+    """``placeholder_with_default(False)``: a warning (exit 0) naming the input, its default and
+    what each value does; with the default nothing mixes; the BNs of the selected branch are the
+    ones convert folds, those of the other branch are removed with it."""
     report = bnfold.inspect(TF / "tf_v1_switch_conv.onnx")
-    assert "batch statistics" not in flag_names(report) and "not deterministic" not in flag_names(report)
-    assert len(report.bns) == 8 and all(".then_branch" in bn.graph or ".else_branch" in bn.graph
-                                        for bn in report.bns)
+    assert report.ok and flag_names(report) == {"training switch"}
+    (switch,) = report.switches
+    assert switch["input"] == "training:0" and switch["default"] is False
+    assert [outcome["batch_statistics"] for outcome in switch["outcomes"]] == [False, True]
+    (flag,) = report.flags
+    assert flag.level == "warning" and "'training:0'" in flag.detail and "default False" in flag.detail
+    assert len(report.bns) == 8
+    taken = [bn for bn in report.bns if bn.graph.endswith(".else_branch")]
+    other = [bn for bn in report.bns if bn.graph.endswith(".then_branch")]
+    assert len(taken) == len(other) == 4
+    assert all(bn.convert.startswith("folded into 'net/conv") for bn in taken), [bn.convert for bn in taken]
+    assert all(bn.convert.startswith("removed: 'training:0' = False") for bn in other)
+
+
+def test_switch_over_decomposed_bns():
+    report = bnfold.inspect(TF / "tf_v1_switch_dense.onnx")
+    assert flag_names(report) == {"training switch"}
+    assert [bn.convert for bn in report.bns] == ["folded into 'net/dense0/MatMul'", "folded into 'net/dense1/MatMul'"]
+
+
+def test_a_model_without_if_has_no_switch():
+    report = bnfold.inspect(TF / "keras_healthy.onnx")
+    assert report.switches == [] and "training switch" not in flag_names(report)
 
 
 def test_training_flag_without_default_names_its_value():
     """``placeholder(tf.bool)``: a real input that the run draws at random. Whatever the seed, the
-    model is flagged exactly when the flag was drawn True, and the flag says so."""
+    model is flagged exactly when the flag was drawn True, and the flag says so. It is a switch
+    with no default (a warning either way)."""
     seen = set()
     for seed in range(6):
         report = bnfold.inspect(TF / "tf_v1_training_input.onnx", seed=seed)
@@ -86,4 +108,6 @@ def test_training_flag_without_default_names_its_value():
         if training:
             assert "training:0=True" in flags["batch statistics"]
         seen.add(training)
+        (switch,) = report.switches
+        assert switch["default"] is None and "training switch" in flag_names(report)
     assert seen == {True, False}  # both values were drawn in 6 seeds (fixed: the test is deterministic)
