@@ -246,3 +246,14 @@ def test_convert_no_verify_strict_checks_without_onnxruntime(tmp_path):
     # The attribute finds training_mode=1; the run-only flag (Dropout) is not looked for.
     assert "batch statistics" in result.stdout and "not deterministic" not in result.stdout
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_convert_checks_the_model_as_pinned(tmp_path):
+    """``--set training:0=1`` selects the batch-statistics branches: convert warns about what the
+    pinned model does (and --strict refuses it); with the default, no warning."""
+    switch = ROOT / "tests" / "fixtures" / "tf" / "tf_v1_switch_conv.onnx"
+    out = tmp_path / "pinned.onnx"
+    code, stdout, err = bnfold_cli("convert", switch, "-o", out, "--set", "training:0=1", "--strict")
+    assert code == 1 and not out.exists() and "batch statistics" in stdout, stdout + err
+    code, stdout, err = bnfold_cli("convert", switch, "-o", out, "--strict")
+    assert code == 0 and out.exists() and "warning" not in stdout, stdout + err
