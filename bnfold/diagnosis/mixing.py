@@ -19,8 +19,8 @@ Rules (cited in the code as "rule N"):
    whose outputs is mixed or batch-wide (the ReduceMean over axis 0 of a ``training=True``
    export, or a BatchNormalization with ``training_mode=1``).
 3. The batch check needs a batch axis: the first axis of every fed input of rank >= 1 is
-   symbolic, or static and >= 2 (then the batch has that length); scalar inputs keep one value. Otherwise it does not run and the report says why.
-   Random tensors (rule 1) are not compared.
+   symbolic, or static and >= 2 (then the batch has that length); scalar inputs keep one value.
+   Otherwise it does not run and the report says why. Random tensors (rule 1) are not compared.
 """
 
 from __future__ import annotations

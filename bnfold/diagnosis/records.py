@@ -7,9 +7,10 @@ Rules (cited in the code as "rule N"):
    parameter is "constant" exactly when the fold pass would find it constant.
 2. ``convert`` column: a dry run of `bnfold.folding.fold` on the model; each BN gets its
    `FoldEntry`'s outcome and reason. A BN inside a branch of an ``If`` that the pass resolved (a
-   training switch) gets the entry of its inlined copy, or "removed" if its branch was not taken. Entries that are not BatchNormalization nodes are the fold
-   pass's decomposed BNs (per-channel Mul / Add chains) and get a `BNDiagnosis` of their own. If the
-   pass refuses the model (an invalid BN), that refusal is reported and every BN says so.
+   training switch) gets the entry of its inlined copy, or "removed" if its branch was not taken.
+   Entries that are not BatchNormalization nodes are the fold pass's decomposed BNs (per-channel
+   Mul / Add chains) and get a `BNDiagnosis` of their own. If the pass refuses the model (an
+   invalid BN), that refusal is reported and every BN says so.
 3. ``invalid`` (wrong): the fold pass's own validation (`validate_batchnorm`: negative or
    non-finite variance, ``var + eps <= 0``, negative epsilon, parameter shapes), plus epsilon
    == 0 and NaN / infinite gamma, beta or mean.
@@ -33,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnfold.diagnosis.report import BNDiagnosis
 from bnfold.errors import BnfoldError
 from bnfold.folding.algebra import bn_affine
 from bnfold.folding.graph import (
@@ -48,7 +50,6 @@ from bnfold.folding.graph import (
     validate_batchnorm,
 )
 from bnfold.folding.report import FoldEntry, FoldReport
-from bnfold.diagnosis.report import BNDiagnosis
 
 __all__ = ["diagnose_static", "training_mode_reason", "HUGE_SCALE", "FLOAT16_MAX", "FLOAT16_TINY"]
 

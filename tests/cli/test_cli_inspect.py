@@ -121,8 +121,9 @@ def test_default_training_is_not_stale(trained):
 def test_stale_drift_against_float64_numpy(trained):
     """The reported shift and ratio, recomputed from the checkpoint network's own activations in
     float64 NumPy (an independent reference for the statistics of the first BN's input)."""
-    import bnfold
     from onnx import numpy_helper
+
+    import bnfold
 
     model = onnx.load(trained["trap"])
     report = bnfold.inspect(model, str(trained["data"]), run=False)
