@@ -21,6 +21,9 @@ Rules (cited in the code as "rule N"):
 3. The batch check needs a batch axis: the first axis of every fed input of rank >= 1 is
    symbolic, or static and >= 2 (then the batch has that length); scalar inputs keep one value.
    Otherwise it does not run and the report says why. Random tensors (rule 1) are not compared.
+4. Exports often fix the batch axis to 1 (PyTorch without ``dynamic_axes``). Then the check runs
+   on a copy whose inputs' first axis is made free, if onnxruntime runs it with a batch of
+   ``batch`` (a Reshape to a fixed shape may forbid it: then the report says so).
 """
 
 from __future__ import annotations
@@ -92,6 +95,21 @@ def _runner(model: onnx.ModelProto, label: str, threads: int):
         return session(model, label, threads), [o.name for o in model.graph.output]
 
 
+def _fixed_to_one(specs: list[InputSpec]) -> bool:
+    batched = [spec for spec in specs if spec.dims]
+    return bool(batched) and all(spec.dims[0] == 1 for spec in batched)
+
+
+def _free_batch_axis(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` computing the same tensors with the first axis of its inputs free
+    (`bnfold.population.submodel`, which recalibration uses for the same reason)."""
+    from bnfold.population import submodel
+
+    outputs = _tensor_names(model.graph)
+    outputs += [o.name for o in model.graph.output if o.name not in set(outputs)]
+    return submodel(model, outputs)
+
+
 def _input_bytes(specs: list[InputSpec], length: int) -> int:
     return sum(int(np.prod(concrete_shape(spec, length), dtype=np.float64)) * spec.dtype.itemsize for spec in specs)
 
@@ -106,6 +124,15 @@ def check_runtime(model: onnx.ModelProto, label: str, *, batch: int = 4, seed: i
     specs = feed_inputs(model, label)
     rng = np.random.default_rng(seed)
     length, why_not = _batch_length(specs, batch)
+    if length is None and _fixed_to_one(specs):  # rule 4
+        try:
+            found = check_runtime(_free_batch_axis(model), label, batch=batch, seed=seed, threads=threads,
+                                  max_bytes=max_bytes)
+        except BnfoldError as exc:
+            why_not += f"; with it made free, onnxruntime cannot run the model ({exc})"
+        else:
+            found.checks["batch statistics"] += " (the static batch axis of 1 made free)"
+            return found
     needed = _input_bytes(specs, length or 1)
     if needed > max_bytes:
         why = f"not run: the random inputs would take {needed / 2**20:.0f} MiB (limit {max_bytes / 2**20:.0f} MiB)"

@@ -58,12 +58,27 @@ def test_static_batch_of_two_is_enough():
     assert "batch statistics" in model_flags(bnfold.inspect(model))
 
 
-def test_static_batch_of_one_says_the_check_cannot_run():
+def test_static_batch_of_one_is_made_free():
+    """PyTorch exports without dynamic_axes fix the batch axis to 1: the check frees it."""
     model = normalize_over(0)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     report = bnfold.inspect(model)
+    assert "batch statistics" in model_flags(report)
+    assert "(the static batch axis of 1 made free)" in report.checks["batch statistics"]
+    healthy = normalize_over(1)
+    healthy.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    assert bnfold.inspect(healthy).ok
+
+
+def test_static_batch_of_one_that_cannot_be_freed_says_the_check_cannot_run():
+    shape = numpy_helper.from_array(np.array([1, 3], np.int64), "shape")
+    model = model_of([helper.make_node("Reshape", ["x", "shape"], ["flat"], name="fixed"),
+                      helper.make_node("ReduceMean", ["flat"], ["out"], axes=[0], keepdims=1)],
+                     batch=1, inits=[shape])
+    report = bnfold.inspect(model)
     assert "batch statistics" not in model_flags(report)
-    assert "not run" in report.checks["batch statistics"] and "first axis of 1" in report.checks["batch statistics"]
+    check = report.checks["batch statistics"]
+    assert "not run" in check and "first axis of 1" in check and "onnxruntime cannot run" in check
 
 
 def dropout(training: bool) -> onnx.ModelProto:
