@@ -15,7 +15,9 @@ Rules (cited in the code as "rule N"):
    non-finite variance, ``var + eps <= 0``, negative epsilon, parameter shapes), plus epsilon
    == 0 and NaN / infinite gamma, beta or mean.
 4. ``never updated`` (wrong): moving mean exactly 0 and moving variance exactly 1 in every
-   channel, the initial values in every framework.
+   channel, the initial values in every framework. For a decomposed BN that starts with
+   ``Sub(z, mean)`` (Keras 3's export), its mean exactly 0 in every channel (the variance is
+   merged into the scale; a trained mean is never exactly 0 everywhere).
 5. ``batch statistics`` (wrong) from attributes: ``training_mode=1`` (BatchNormalization-14/15),
    ``is_test=0`` (versions 1 and 6), running mean / variance outputs (versions 7 to 13, where
    they exist only in training mode).
@@ -318,11 +320,29 @@ def _decomposed(entry: FoldEntry, index: GraphIndex) -> BNDiagnosis:
         return diagnosis
     diagnosis.channels = chain.channels
     diagnosis.input = chain.nodes[0].input[0]
+    mean = _subtracted_mean(chain, index)
+    if mean is not None:
+        diagnosis.mean = _summary(mean)
+        if np.all(mean == 0):  # rule 4, as far as a decomposed BN shows it
+            diagnosis.add("never updated", f"the moving mean it subtracts is exactly 0 in all {chain.channels}"
+                          " channels (its variance is merged into the scale): the statistics were never updated")
     scale = np.abs(chain.scale)
     diagnosis.scale = _summary(scale)
     _huge_scale(diagnosis, scale, None)
     _float16(diagnosis, {"fold scale": chain.scale, "fold shift": chain.shift})
     return diagnosis
+
+
+def _subtracted_mean(chain, index: GraphIndex) -> np.ndarray | None:
+    """The constant of the chain's first arithmetic node if it is ``Sub(z, mean)`` (Keras 3 writes
+    a BN as Sub(moving mean) -> Mul -> Add), as float64 values; else None."""
+    first = next((n for n in chain.nodes if n.op_type in ("Add", "Sub", "Mul", "Div")), None)
+    if first is None or first.op_type != "Sub" or len(first.input) != 2:
+        return None
+    value = index.constant(first.input[1])
+    if value is None or index.constant(first.input[0]) is not None:
+        return None
+    return np.asarray(value, dtype=np.float64).reshape(-1)
 
 
 def _chain(label: str, index: GraphIndex):

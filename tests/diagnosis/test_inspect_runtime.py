@@ -164,3 +164,13 @@ def test_model_onnxruntime_cannot_run_is_still_inspected():
     model.opset_import.append(helper.make_opsetid("custom.domain", 1))
     report = bnfold.inspect(model)
     assert report.checks["batch statistics"].startswith("not run: model: onnxruntime cannot load the model")
+
+
+def test_keras3_never_updated_export():
+    """Keras 3 writes BN as Sub(moving mean) -> Mul -> Add: a mean of exactly 0 everywhere is the
+    initial value (the healthy export subtracts its trained mean)."""
+    report = bnfold.inspect(fixture("keras_never_updated"))
+    (bn,) = report.bns
+    assert bn.kind == "decomposed" and [flag.name for flag in bn.flags] == ["never updated"]
+    (healthy,) = bnfold.inspect(fixture("keras_eval")).bns
+    assert healthy.mean is not None and healthy.mean["min"] != healthy.mean["max"] and not healthy.flags
