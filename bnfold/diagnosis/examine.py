@@ -5,7 +5,7 @@
 - the checks from the file alone (`bnfold.diagnosis.records`): per BN its parameters, what
   ``convert`` would do (a dry run of the fold pass), ``never updated``, ``invalid``, a BN in
   training mode, and the warnings;
-- the training switches of the model (`bnfold.folding.switches`, when present);
+- the training switches of the model (`bnfold.folding.switches.find_switches`);
 - the checks that run the model (`bnfold.diagnosis.mixing`): ``batch statistics`` (samples that
   mix) and ``not deterministic``;
 - with data, ``stale`` (`bnfold.diagnosis.staleness`).
@@ -118,28 +118,14 @@ def _static(model: onnx.ModelProto, label: str, switches: bool = True, dry_run: 
 
 
 def _switches(model: onnx.ModelProto, report: InspectReport) -> None:
-    try:
-        from bnfold.folding import switches
-    except ImportError:
-        return
-    for switch in switches.find_switches(model):
-        described = _describe_switch(switch)
-        report.switches.append(described)
-        text = described["text"]
+    """Each training switch (`bnfold.folding.switches.find_switches`): its input, default and what
+    each value does, as a warning and in the JSON."""
+    from bnfold.folding.switches import find_switches
+
+    for switch in find_switches(model):
+        text = switch.describe()
+        report.switches.append({**switch.to_dict(), "text": text})
         report.flags.append(Flag("training switch", "warning", text.removeprefix("training switch ")))
-
-
-def _describe_switch(switch: Any) -> dict[str, Any]:
-    """JSON-friendly view of one switch of `bnfold.folding.switches.find_switches`."""
-    if hasattr(switch, "to_dict"):
-        described = dict(switch.to_dict())
-    elif isinstance(switch, dict):
-        described = dict(switch)
-    else:
-        described = {key: value for key, value in vars(switch).items() if not key.startswith("_")}
-    if "text" not in described:
-        described["text"] = switch.describe() if hasattr(switch, "describe") else str(described)
-    return described
 
 
 def _run_checks(model: onnx.ModelProto, label: str, report: InspectReport, *, batch: int, seed: int,
