@@ -41,10 +41,12 @@ def drift(moving_mean, moving_var, data_mean, data_var, eps: float) -> dict[str,
     moving_var = np.asarray(moving_var, dtype=np.float64) + eps
     data_mean = np.asarray(data_mean, dtype=np.float64)
     data_var = np.asarray(data_var, dtype=np.float64) + eps
-    shift = np.abs(moving_mean - data_mean) / np.sqrt(data_var)
-    ratio = moving_var / data_var
-    # The worst variance channel is the one furthest from 1 on a log scale (2 and 0.5 alike).
-    worst = int(np.argmax(np.abs(np.log(ratio))))
+    # eps = 0 (flagged invalid) on a constant channel divides by zero: inf, reported as such.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.abs(moving_mean - data_mean) / np.sqrt(data_var)
+        ratio = moving_var / data_var
+        # The worst variance channel is the one furthest from 1 on a log scale (2 and 0.5 alike).
+        worst = int(np.nanargmax(np.abs(np.log(ratio)))) if not np.all(np.isnan(ratio)) else 0
     return {
         "mean_shift": shift.tolist(),
         "var_ratio": ratio.tolist(),
