@@ -1,8 +1,8 @@
 """bnfold: batch normalization done right in NumPy, and exact BN folding for ONNX models.
 
 The public functions live in modules named differently from them (``bnfold.fold`` is the function
-of `bnfold.folding`, ``bnfold.verify`` that of `bnfold.verification`), so importing a submodule
-never replaces a public name: every name below works after ``import bnfold`` in any order, any
+of `bnfold.folding`, ``bnfold.verify`` that of `bnfold.verification`, ``bnfold.inspect`` that of
+`bnfold.diagnosis`), so importing a submodule never replaces a public name: every name below works after ``import bnfold`` in any order, any
 number of times. They are resolved on first use, so that ``import bnfold`` stays light (no onnx,
 no onnxruntime); the ``TYPE_CHECKING`` imports let type checkers and IDEs see them.
 """
@@ -17,6 +17,7 @@ from bnfold.errors import BnfoldError, VerificationError
 if TYPE_CHECKING:
     from bnfold import nn
     from bnfold.conversion import convert
+    from bnfold.diagnosis import inspect
     from bnfold.export import export_onnx
     from bnfold.folding import fold
     from bnfold.nn.batchnorm import BatchNorm
@@ -33,6 +34,7 @@ __all__ = [
     "fold",
     "verify",
     "convert",
+    "inspect",
     "__version__",
 ]
 
@@ -44,6 +46,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "fold": ("bnfold.folding", "fold"),
     "verify": ("bnfold.verification", "verify"),
     "convert": ("bnfold.conversion", "convert"),
+    "inspect": ("bnfold.diagnosis", "inspect"),
 }
 
 

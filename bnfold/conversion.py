@@ -18,7 +18,7 @@ import importlib
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
             inline_functions: bool = False, inputs: str | os.PathLike | Mapping[str, Any] | None = None,
             rtol: float | None = None,
             atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
-            max_bytes: int = 2 * 1024**3, pins: Mapping[str, Any] | None = None) -> ConvertResult:
+            max_bytes: int = 2 * 1024**3, pins: Mapping[str, Any] | None = None, strict: bool = False,
+            warn: Callable[[str], None] | None = None) -> ConvertResult:
     """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.
 
     Parameters
@@ -111,6 +112,12 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         Also write ``ConvertResult.data`` as JSON here (also when verification fails).
     inputs, rtol, atol, batch, seed, threads, max_bytes :
         Options of `bnfold.verification.verify`.
+    strict : bool
+        Treat the statistics flags that mean "wrong" (`bnfold.diagnosis.preflight`: never
+        updated, invalid, batch statistics, not deterministic) as an error: `VerificationError`,
+        OUT not written. Without it they are only told through ``warn``.
+    warn : callable, optional
+        Called with one line per such flag, before folding.
 
     Returns
     -------
@@ -121,7 +128,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     BnfoldError
         Bad input, unsafe or unwritable paths (nothing written).
     VerificationError
-        OUT disagrees with IN (OUT not written; ``.report`` is the `VerifyReport`).
+        OUT disagrees with IN (OUT not written; ``.report`` is the `VerifyReport`), or ``strict``
+        and a statistics flag (``.report`` is None).
     """
     started = time.perf_counter()
     source = Path(input_path)
@@ -130,6 +138,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     out = Path(output_path) if output_path is not None else source
     _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
     model, external, size_before, in_bytes = _load(source)
+    statistics = _statistics(model, pins, str(source), out, run=verify, threads=threads, strict=strict, warn=warn)
     loaded = time.perf_counter()
 
     fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs,
@@ -140,7 +149,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     fold_done = time.perf_counter()
 
     result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
-                              "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
+                              "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external,
+                              "statistics": statistics}
     verification = None
     if verify:
         options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
@@ -179,6 +189,24 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     if json_path is not None:
         write_json(json_path, result)
     return ConvertResult(data=result, report=report, verification=verification)
+
+
+def _statistics(model: onnx.ModelProto, pins: Mapping[str, Any] | None, label: str, out: Path, *, run: bool,
+                threads: int, strict: bool, warn: Callable[[str], None] | None) -> list[dict[str, str]]:
+    """The wrong statistics flags of ``model`` (`bnfold.diagnosis.preflight`); raise under ``strict``."""
+    from bnfold.diagnosis import preflight
+
+    if pins:  # checked as the model will run: with the pinned switch values
+        try:
+            model = _pinned_reference(model, pins)
+        except BnfoldError:
+            pass  # a bad pin: the fold pass, next, says what is wrong with it
+
+    wrong = preflight(model, label, run=run, threads=threads, warn=warn).wrong
+    if strict and wrong:
+        names = ", ".join(dict.fromkeys(f"{flag.name} ('{where}')" for where, flag in wrong))
+        raise VerificationError(f"{out}: not written: --strict and the statistics are wrong: {names}")
+    return [{"where": where, "flag": flag.name, "detail": flag.detail} for where, flag in wrong]
 
 
 def _pinned_reference(model: onnx.ModelProto, pins: Mapping[str, Any]) -> onnx.ModelProto:

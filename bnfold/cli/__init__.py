@@ -24,6 +24,7 @@ _COMMANDS = {
     "export": "export",
     "convert": "convert",
     "verify": "verify",
+    "inspect": "inspect",
 }
 
 

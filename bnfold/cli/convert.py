@@ -39,14 +39,17 @@ __all__ = ["command"]
               help="If verification fails, leave the BNs responsible unfolded and write the (verified) rest.")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Also write a machine-readable report (fold entries, tensor map, verification) to this file.")
+@click.option("--strict", is_flag=True,
+              help="Refuse (exit 1, OUT not written) when BN statistics look wrong (see bnfold inspect).")
 def command(input_path: str, output_path: str | None, force: bool, in_place: bool, no_verify: bool, check: bool,
             decompose_rest: bool, keep_initializer_inputs: bool, pins: tuple[str, ...], inline_functions: bool,
-            keep_failing_unfolded: bool,
-            json_path: str | None, **params: Any) -> None:
+            keep_failing_unfolded: bool, json_path: str | None, strict: bool, **params: Any) -> None:
     """Fold BatchNormalization in the ONNX model IN into its neighbours and write OUT.
 
-    OUT is verified against IN in onnxruntime before it is written. Exit code 0 on success,
-    1 if verification failed (OUT is then not written), 2 on usage or input errors.
+    OUT is verified against IN in onnxruntime before it is written. BN statistics that look wrong
+    (never updated, invalid, batch statistics, not deterministic) are printed as warnings before
+    folding. Exit code 0 on success, 1 if verification failed or, with --strict, if a statistics
+    warning was printed (OUT is then not written), 2 on usage or input errors.
 
     If nodes whose condition is known are replaced by the branch it selects first: constant
     conditions, inputs fixed with --set, and graph inputs that have a default value (the
@@ -61,7 +64,8 @@ def command(input_path: str, output_path: str | None, force: bool, in_place: boo
         result = convert(input_path, output_path, force=force, in_place=in_place, verify=not no_verify, check=check,
                          decompose_rest=decompose_rest, keep_initializer_inputs=keep_initializer_inputs,
                          keep_failing_unfolded=keep_failing_unfolded, json_path=json_path, pins=pinned,
-                         inline_functions=inline_functions, **verify_kwargs(params))
+                         inline_functions=inline_functions, strict=strict, warn=output.warn,
+                         **verify_kwargs(params))
     except VerificationError as exc:
         if exc.report is not None:
             for line in exc.report.lines():

@@ -1,0 +1,475 @@
+"""Recompute the statistics of every BatchNormalization of an ONNX model from data (`bnfold recalibrate`).
+
+Two methods:
+
+``exact`` (default)
+    Each BN gets the mean and the *population* variance (denominator N) of its input over all
+    the data, computed while every BN in front of it already uses its new statistics: the
+    statistics the inference network actually sees. BNs are grouped in topological levels (a
+    BN's level is one more than the highest level of the BNs it depends on); each level is one
+    streamed onnxruntime pass over the data through a submodel cut at that level's BN inputs
+    (`bnfold.population.submodel`), accumulated per batch in float64 and merged with Chan's
+    formula (`bnfold.moments`). The result does not depend on the batch size or on how the data
+    is split among workers, beyond float64 rounding. Cost: one pass per level, each through the
+    part of the network in front of that level only.
+``batch``
+    One pass in which each BN normalizes with the statistics of the current batch, as during
+    training, and each BN's batch means and unbiased batch variances are averaged, every batch
+    weighing the same: what PyTorch's ``torch.optim.swa_utils.update_bn`` computes. Faster (one
+    pass), approximate, and dependent on the batch size. Every batch needs at least 2 values per
+    channel.
+
+The output is the same graph: every BatchNormalization node is kept with its name, and its
+inputs 3 and 4 (mean, var) get the new values. An initializer read by that BN alone is
+rewritten in place; otherwise (shared with another node, computed by nodes, a graph output) a new
+initializer is added for this BN, so nothing else in the model changes. Values keep the dtype
+of the statistics they replace.
+
+Only BNs of the main graph are recalibrated (not inside If / Loop / Scan bodies); BNs in training
+mode are refused (they do not use their stored statistics).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfold.dataset import DataLike, Dataset, open_dataset
+from bnfold.errors import BnfoldError
+from bnfold.moments import BatchAverage
+from bnfold.population import Progress, batchnorm_indices, input_specs, run_shards, submodel, subgraph_reads
+from bnfold.runtime import ModelLike, load, run, session
+
+__all__ = ["recalibrate", "Recalibration", "BNChange", "METHODS", "bn_levels", "drift", "with_statistics"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("exact", "batch")
+
+
+def drift(old_mean: np.ndarray, old_var: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float) -> dict[str, Any]:
+    """How far stored statistics are from the data's, per channel, in `bnfold inspect`'s units.
+
+    Mean shift ``|old_mean - mean| / sqrt(var + eps)`` (data standard deviations, as the BN
+    divides by them); variance ratio ``max(a, b) / min(a, b)`` with ``a = old_var + eps``,
+    ``b = var + eps`` (a factor of 2 either way reads 2). Statistics equal to the data's give 0 and 1.
+    """
+    old_mean, mean = np.asarray(old_mean, np.float64), np.asarray(mean, np.float64)
+    old_var, var = np.asarray(old_var, np.float64) + eps, np.asarray(var, np.float64) + eps
+    shift = np.abs(old_mean - mean) / np.sqrt(var)
+    ratio = np.maximum(old_var, var) / np.minimum(old_var, var)
+    return {
+        "max_mean_shift": float(shift.max()), "channel_mean_shift": int(np.argmax(shift)),
+        "max_var_ratio": float(ratio.max()), "channel_var_ratio": int(np.argmax(ratio)),
+        "mean_shift": shift.tolist(), "var_ratio": ratio.tolist(),
+    }
+
+
+@dataclass
+class BNChange:
+    """One BN's statistics before and after (float64 copies; written in the model's dtype)."""
+
+    name: str
+    input: str
+    level: int
+    eps: float
+    old_mean: np.ndarray
+    old_var: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+    @property
+    def drift(self) -> dict[str, Any]:
+        return drift(self.old_mean, self.old_var, self.mean, self.var, self.eps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "input": self.input, "level": self.level, "epsilon": self.eps,
+                "channels": int(self.mean.shape[0]), **self.drift,
+                "old_mean": self.old_mean.tolist(), "old_var": self.old_var.tolist(),
+                "mean": self.mean.tolist(), "var": self.var.tolist()}
+
+
+@dataclass
+class Recalibration:
+    """What `recalibrate` did: the new model, BN by BN changes, and accuracies with ``labels``."""
+
+    model: onnx.ModelProto
+    method: str
+    changes: list[BNChange]
+    levels: int
+    samples: int
+    batch_size: int
+    batches: int
+    labels: str | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "samples": self.samples, "batch_size": self.batch_size,
+                "batches": self.batches, "levels": self.levels, "bn_total": len(self.changes),
+                "labels": self.labels, "accuracy_before": self.accuracy_before,
+                "accuracy_after": self.accuracy_after, "bns": [change.to_dict() for change in self.changes],
+                **self.extra}
+
+    def lines(self) -> list[str]:
+        """The human-readable report ``bnfold recalibrate`` prints."""
+        how = f"{self.levels} level{'s' if self.levels != 1 else ''} x " if self.method == "exact" else ""
+        lines = [f"recalibrated {len(self.changes)} BatchNormalization node{'s' if len(self.changes) != 1 else ''}"
+                 f" over {self.samples} samples ({self.method}: {how}{self.batches} batch{'es' if self.batches != 1 else ''}"
+                 f" of {self.batch_size})",
+                 "how far the old statistics were: mean shift in data std, variance ratio (max over channels)"]
+        width = max(len(change.name) for change in self.changes)
+        for change in self.changes:
+            d = change.drift
+            lines.append(f"  {change.name:<{width}}  level {change.level:>2}  mean shift {d['max_mean_shift']:8.3g}"
+                         f" (ch {d['channel_mean_shift']})  variance ratio {d['max_var_ratio']:8.3g} (ch {d['channel_var_ratio']})")
+        if self.accuracy_before is not None:
+            lines.append(f"accuracy on the data (labels '{self.labels}'): before {100 * self.accuracy_before:.2f}%,"
+                         f" after {100 * self.accuracy_after:.2f}%")
+        return lines
+
+
+def _label(node: onnx.NodeProto, position: int) -> str:
+    return node.name or f"BatchNormalization #{position} (-> {node.output[0]})"
+
+
+def _check_node(node: onnx.NodeProto, position: int, opset: int) -> float:
+    """Epsilon of a BN this module can recalibrate; `BnfoldError` otherwise."""
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    label = _label(node, position)
+    if len(node.input) < 5 or not all(node.input[:5]):
+        raise BnfoldError(f"BatchNormalization '{label}' has fewer than 5 inputs")
+    if attributes.get("training_mode", 0):
+        raise BnfoldError(f"BatchNormalization '{label}' is in training mode (training_mode=1): it normalizes with"
+                          " batch statistics and never reads its stored ones; export the model in inference mode")
+    if opset < 9 and not attributes.get("spatial", 1):
+        raise BnfoldError(f"BatchNormalization '{label}' has spatial=0 (statistics per position): not supported")
+    return float(attributes.get("epsilon", 1e-5))  # ONNX BatchNormalization default
+
+
+def bn_levels(model: onnx.ModelProto) -> list[int]:
+    """Topological level of each main-graph BN (graph order): 0 if no BN is upstream, else 1 + the
+    highest level among the BNs its input depends on. BNs of one level can be measured in one pass."""
+    positions = {index: position for position, index in enumerate(batchnorm_indices(model))}
+    depth: dict[str, int] = {}  # tensor -> highest BN level it depends on (-1: none)
+    levels = [0] * len(positions)
+    for index, node in enumerate(model.graph.node):
+        reads = [*node.input, *subgraph_reads(node)]
+        upstream = max((depth.get(name, -1) for name in reads if name), default=-1)
+        if index in positions:
+            upstream = depth.get(node.input[0], -1) + 1
+            levels[positions[index]] = upstream
+        for name in node.output:
+            if name:
+                depth[name] = upstream
+    return levels
+
+
+def _stored_statistics(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The mean and var each BN uses now, in their own dtype: initializers, or one run for the rest."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    wanted = [name for node in nodes for name in node.input[3:5]]
+    computed = [name for name in dict.fromkeys(wanted) if name not in initializers]
+    values = {name: numpy_helper.to_array(initializers[name]) for name in wanted if name in initializers}
+    if computed:
+        cut = submodel(model, computed)
+        if input_specs(cut):
+            raise BnfoldError(f"BatchNormalization statistics '{computed[0]}' depend on the model's inputs;"
+                              " bnfold recalibrates constant statistics only")
+        values.update(zip(computed, run(session(cut, "model"), computed, {}, "model")))
+    return [(np.asarray(values[node.input[3]]), np.asarray(values[node.input[4]])) for node in nodes]
+
+
+def _all_names(model: onnx.ModelProto) -> set[str]:
+    names = {init.name for init in model.graph.initializer} | {v.name for v in model.graph.input}
+    for node in model.graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names |= subgraph_reads(node)
+    return names
+
+
+def _uses(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in [*node.input, *subgraph_reads(node)]:
+            counts[name] = counts.get(name, 0) + 1
+    for value in model.graph.output:
+        counts[value.name] = counts.get(value.name, 0) + 1
+    return counts
+
+
+def with_statistics(model: onnx.ModelProto, stats: dict[int, tuple[np.ndarray, np.ndarray]],
+                    stored: Sequence[tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose BN number ``i`` (graph order) reads ``stats[i]`` = (mean, var).
+
+    Rules (module docstring): an initializer read only by this BN input is rewritten in place;
+    otherwise a fresh initializer is added and the BN input re-pointed; initializers nobody
+    reads any more are removed. Values are cast to the dtype and shape of ``stored[i]``.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    positions = {index: position for position, index in enumerate(batchnorm_indices(model))}
+    uses = _uses(model)
+    names = _all_names(model)
+    initializers = {init.name: init for init in out.graph.initializer}
+    released: set[str] = set()
+    for index, copy in enumerate(out.graph.node):
+        position = positions.get(index)
+        if position is None or position not in stats:
+            continue
+        for slot, value, old in zip((3, 4), stats[position], stored[position]):
+            old_name = copy.input[slot]
+            array = np.asarray(value, dtype=np.float64).astype(old.dtype).reshape(old.shape)
+            if old_name in initializers and uses.get(old_name, 0) == 1:
+                initializers[old_name].CopyFrom(numpy_helper.from_array(array, old_name))
+                continue
+            fresh = f"{old_name}.recalibrated"
+            suffix = 1
+            while fresh in names:
+                suffix += 1
+                fresh = f"{old_name}.recalibrated.{suffix}"
+            names.add(fresh)
+            out.graph.initializer.append(numpy_helper.from_array(array, fresh))
+            copy.input[slot] = fresh
+            uses[old_name] = uses.get(old_name, 1) - 1
+            released.add(old_name)
+    unused = {name for name in released if uses.get(name, 0) <= 0 and name in initializers}
+    if unused:
+        kept = [init for init in out.graph.initializer if init.name not in unused]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(kept)
+        inputs = [value for value in out.graph.input if value.name not in unused]
+        del out.graph.input[:]
+        out.graph.input.extend(inputs)
+    return out
+
+
+def _exact(model, nodes, stored, dataset, levels, *, batch_size, executor, shards, threads, progress):
+    stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for level in range(max(levels) + 1):
+        members = [position for position, value in enumerate(levels) if value == level]
+        names = list(dict.fromkeys(nodes[position].input[0] for position in members))
+        working = with_statistics(model, stats, stored) if stats else model
+        moments = dict(zip(names, run_shards(submodel(working, names), dataset, names, batch_size=batch_size,
+                                             executor=executor, shards=shards, threads=threads, progress=progress)))
+        for position in members:
+            found = moments[nodes[position].input[0]]
+            if found.channels != stored[position][0].size:
+                raise BnfoldError(f"BatchNormalization '{_label(nodes[position], position)}': its input has"
+                                  f" {found.channels} channels but {stored[position][0].size} statistics")
+            stats[position] = (found.mean, found.var)
+        log.info("level %d: %d BatchNormalization nodes recalibrated", level, len(members))
+    return stats
+
+
+def _reduce_mean(graph_nodes: list, source: str, target: str, axes: list[int], opset: int, extra: list) -> None:
+    helper = onnx.helper
+    if opset >= 18:
+        axes_name = f"{target}.axes"
+        extra.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+        graph_nodes.append(helper.make_node("ReduceMean", [source, axes_name], [target], keepdims=1))
+    else:
+        graph_nodes.append(helper.make_node("ReduceMean", [source], [target], axes=axes, keepdims=1))
+
+
+def batch_statistics_model(model: onnx.ModelProto, epsilons: Sequence[float]) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
+    """A copy of ``model`` where every BN normalizes with its batch's statistics (training mode)
+    and outputs them: ``(mean, biased var, shape of X reshaped to (N, C, -1))`` names per BN.
+
+    Each BN becomes ``Xr = Reshape(X, [0, 0, -1])``, ``m = ReduceMean(Xr, [0, 2])``,
+    ``d = Xr - m``, ``v = ReduceMean(d * d, [0, 2])``, ``Y = Reshape(d / Sqrt(v + eps) *
+    scale + B, Shape(X))``: the ONNX BatchNormalization training-mode equations.
+    """
+    helper = onnx.helper
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 15)
+    names = _all_names(model)
+    counter = [0]
+
+    def fresh(hint: str) -> str:
+        while True:
+            counter[0] += 1
+            name = f"bnfold.batch.{hint}.{counter[0]}"
+            if name not in names:
+                names.add(name)
+                return name
+
+    extra: list[onnx.TensorProto] = []
+    flat = fresh("flat")
+    extra.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), flat))
+    column = fresh("column")
+    extra.append(numpy_helper.from_array(np.array([1, -1, 1], np.int64), column))
+    vector = fresh("vector")
+    extra.append(numpy_helper.from_array(np.array([-1], np.int64), vector))
+    positions = {index: position for position, index in enumerate(batchnorm_indices(model))}
+    new_nodes: list[onnx.NodeProto] = []
+    outputs: list[tuple[str, str, str]] = []
+    for index, node in enumerate(out.graph.node):
+        position = positions.get(index)
+        if position is None:
+            new_nodes.append(node)
+            continue
+        x, scale, bias = node.input[0], node.input[1], node.input[2]
+        xr, mean, d, d2, var, shape_r = (fresh(h) for h in ("xr", "mean", "d", "d2", "var", "shape"))
+        eps_name, std, xhat, scale_r, bias_r, scaled, y_r, shape_x = (
+            fresh(h) for h in ("eps", "std", "xhat", "scale", "bias", "scaled", "y", "shape_x"))
+        mean_v, var_v = fresh("mean_out"), fresh("var_out")
+        new_nodes += [
+            helper.make_node("Reshape", [x, flat], [xr]),
+            helper.make_node("Shape", [xr], [shape_r]),
+        ]
+        _reduce_mean(new_nodes, xr, mean, [0, 2], opset, extra)
+        new_nodes += [helper.make_node("Sub", [xr, mean], [d]), helper.make_node("Mul", [d, d], [d2])]
+        _reduce_mean(new_nodes, d2, var, [0, 2], opset, extra)
+        extra.append(numpy_helper.from_array(np.array(epsilons[position], np.float32), eps_name))
+        eps_typed = eps_name
+        if opset >= 15:
+            eps_typed = fresh("eps_typed")
+            new_nodes.append(helper.make_node("CastLike", [eps_name, x], [eps_typed]))
+        new_nodes += [
+            helper.make_node("Add", [var, eps_typed], [fresh_sum := fresh("var_eps")]),
+            helper.make_node("Sqrt", [fresh_sum], [std]),
+            helper.make_node("Div", [d, std], [xhat]),
+            helper.make_node("Reshape", [scale, column], [scale_r]),
+            helper.make_node("Reshape", [bias, column], [bias_r]),
+            helper.make_node("Mul", [xhat, scale_r], [scaled]),
+            helper.make_node("Add", [scaled, bias_r], [y_r]),
+            helper.make_node("Shape", [x], [shape_x]),
+            helper.make_node("Reshape", [y_r, shape_x], [node.output[0]]),
+            helper.make_node("Reshape", [mean, vector], [mean_v]),
+            helper.make_node("Reshape", [var, vector], [var_v]),
+        ]
+        outputs.append((mean_v, var_v, shape_r))
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
+    out.graph.initializer.extend(extra)
+    return out, outputs
+
+
+def shard_batch_averages(model_bytes: bytes, shard: Dataset, names: Sequence[str], batch_size: int,
+                         threads: int = 1, progress: Progress | None = None) -> list[BatchAverage]:
+    """Per BN, the sums of batch means and unbiased batch variances over ``shard`` (pure, like
+    `bnfold.population.shard_moments`); ``names`` are (mean, var, shape) triples, flattened."""
+    sess = session(onnx.load_from_string(model_bytes), "model", threads)
+    names = list(names)
+    totals: list[BatchAverage | None] = [None] * (len(names) // 3)
+    for lo, hi in shard.bounds(batch_size):
+        values = run(sess, names, shard.batch(lo, hi), "model")
+        for position in range(len(totals)):
+            mean, var, shape = values[3 * position: 3 * position + 3]
+            count = int(shape[0]) * int(shape[2])
+            if count < 2:
+                raise BnfoldError(f"--method batch: a batch of {hi - lo} gives {count} value per channel at"
+                                  f" '{names[3 * position]}'; an unbiased batch variance needs 2: use a larger"
+                                  " batch size (or --method exact)")
+            piece = BatchAverage.from_stats(mean, var, count)
+            totals[position] = piece if totals[position] is None else totals[position].merge(piece)
+        if progress is not None:
+            progress(1)
+    return totals
+
+
+def _batch(model, nodes, epsilons, dataset, *, batch_size, executor, shards, threads, progress):
+    rewritten, triples = batch_statistics_model(model, epsilons)
+    names = [name for triple in triples for name in triple]
+    averages = run_shards(submodel(rewritten, names), dataset, names, batch_size=batch_size, executor=executor,
+                          shards=shards, threads=threads, progress=progress, work=shard_batch_averages)
+    return {position: (average.mean, average.var) for position, average in enumerate(averages)}
+
+
+def accuracy(model: onnx.ModelProto, dataset: Dataset, batch_size: int, threads: int = 1) -> float:
+    """Fraction of samples whose argmax over axis 1 of the first output equals the label."""
+    output = model.graph.output[0].name
+    sess = session(submodel(model, [output]), "model", threads)
+    correct = 0
+    for lo, hi in dataset.bounds(batch_size):
+        (scores,) = run(sess, [output], dataset.batch(lo, hi), "model")
+        if scores.ndim < 2 or any(dim != 1 for dim in scores.shape[2:]):
+            raise BnfoldError(f"--labels: the first output '{output}' has shape {scores.shape}; expected (N, classes)")
+        predicted = scores.reshape(scores.shape[0], scores.shape[1]).argmax(axis=1)
+        correct += int((predicted == dataset.labels(lo, hi)).sum())
+    return correct / len(dataset)
+
+
+def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batch_size: int = 256,
+                executor: Executor | None = None, shards: int | None = None, threads: int = 1,
+                labels: str | None = None, progress: Progress | None = None) -> Recalibration:
+    """Recompute every main-graph BatchNormalization's mean and variance from ``data``.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto or path
+        Not modified.
+    data : path, list of paths, array, mapping or Dataset
+        ``.npz`` files keyed by the model's input names (a single array for a single input), read
+        one after the other as one data set (`bnfold.dataset.open_dataset`).
+    method : {"exact", "batch"}
+        Module docstring.
+    batch_size : int
+        Samples per onnxruntime run. ``exact`` gives the same statistics for any batch size;
+        ``batch`` averages statistics of batches of this size.
+    executor : concurrent.futures.Executor, optional
+        Runs the per-shard work (a `ProcessPoolExecutor`, ``distributed.Client(...).get_executor()``);
+        each task gets the model bytes and a shard of the data (file paths and row ranges, or the
+        rows of in-memory arrays), so workers must see the same files.
+    shards : int, optional
+        Shards per pass with ``executor`` (default: 4 per worker).
+    threads : int
+        onnxruntime threads per session.
+    labels : str, optional
+        Key of integer labels in the data: accuracy (argmax of the first output) before and after.
+    progress : callable, optional
+        Called with the number of batches finished (levels x batches in all for ``exact``).
+
+    Returns
+    -------
+    Recalibration
+        ``.model`` (the new model), ``.changes`` (per BN: old and new statistics, `drift`),
+        accuracies.
+
+    Raises
+    ------
+    BnfoldError
+        No BN, a BN in training mode, bad data, a batch too small for ``batch``.
+    """
+    if method not in METHODS:
+        raise BnfoldError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
+    if batch_size < 1:
+        raise BnfoldError(f"batch size must be at least 1, got {batch_size}")
+    model, label = load(model, "model")
+    nodes = [model.graph.node[index] for index in batchnorm_indices(model)]
+    if not nodes:
+        raise BnfoldError(f"{label}: no BatchNormalization node in the main graph: nothing to recalibrate")
+    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 15)
+    epsilons = [_check_node(node, position, opset) for position, node in enumerate(nodes)]
+    dataset = open_dataset(data, input_specs(model, label), labels=labels)
+    stored = _stored_statistics(model, nodes)
+    levels = bn_levels(model)
+    options = {"batch_size": batch_size, "executor": executor, "shards": shards, "threads": threads,
+               "progress": progress}
+    if method == "exact":
+        stats = _exact(model, nodes, stored, dataset, levels, **options)
+    else:
+        stats = _batch(model, nodes, epsilons, dataset, **options)
+    new_model = with_statistics(model, stats, stored)
+    changes = [BNChange(_label(node, position), node.input[0], levels[position],
+                        epsilons[position], stored[position][0].astype(np.float64).reshape(-1),
+                        stored[position][1].astype(np.float64).reshape(-1), *stats[position])
+               for position, node in enumerate(nodes)]
+    result = Recalibration(new_model, method, changes, levels=max(levels) + 1 if method == "exact" else 1,
+                           samples=len(dataset), batch_size=batch_size, batches=len(dataset.bounds(batch_size)),
+                           labels=labels)
+    if labels is not None:
+        result.accuracy_before = accuracy(model, dataset, batch_size, threads)
+        result.accuracy_after = accuracy(new_model, dataset, batch_size, threads)
+    return result
