@@ -51,20 +51,21 @@ Index rules (each pattern may rely on them)
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.folding.algebra import bn_affine, check_representable
+from bnfold.folding.algebra import bn_affine
+from bnfold.folding.casting import cast_folded
+from bnfold.folding.patterns import ChainSkip, FunctionPattern, Invalid, Pattern, Rewrite, Skip, pattern
+from bnfold.folding.tensors import array_to_tensor, elem_type_of, np_dtype, tensor_to_array
 
 if TYPE_CHECKING:
     from bnfold.folding.report import FoldReport
@@ -115,13 +116,6 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 # The protocol
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Skip:
-    """A pattern applies to a node but cannot fold it exactly; ``reason`` reaches the report."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
 class FoldedTensors:
     """A fold's new weight and bias: their names, values by name, and subnormals flushed."""
 
@@ -129,91 +123,6 @@ class FoldedTensors:
     bias: str
     constants: dict[str, np.ndarray]
     subnormals: int
-
-
-@dataclass(frozen=True)
-class ChainSkip(Skip):
-    """A decomposed BN (per-channel Mul/Add chain) was recognised but cannot be folded.
-
-    ``node`` is the chain's first scaling node, which names the chain in the report.
-    """
-
-    node: onnx.NodeProto | None = None
-
-
-@dataclass(frozen=True)
-class Invalid(Skip):
-    """The model is invalid at this node, e.g. BN parameters for 3 channels after a 4-channel Conv.
-
-    Patterns anchored on other ops (decomposed chains) treat it as a `Skip`; for a
-    BatchNormalization node the pass raises `BnfoldError` with ``reason`` instead of keeping it.
-    """
-
-
-@dataclass
-class Rewrite:
-    """A complete, not yet applied, plan for one fold.
-
-    Attributes
-    ----------
-    into : str or None
-        Name of the node that absorbs the BN (reported as "folded into <into>").
-    remove : list of NodeProto
-        Nodes deleted (the BN, a bias Add, the Mul/Add of a decomposed BN, ...).
-    replace : list of (NodeProto, list of NodeProto)
-        Each anchor node is replaced by the new nodes, at the anchor's position in the graph (so
-        topological order holds if the new nodes read values defined before the anchor and the
-        anchor's former consumers come after it).
-    constants : dict of str to numpy.ndarray
-        New constant tensors, keyed by names reserved with `GraphIndex.fresh_name`; written as
-        initializers (as Constant nodes inside functions) once, with ``raw_data``.
-    tensor_map : dict of str to str
-        Original tensor name -> new tensor name, for the report.
-    status : {"folded", "decomposed"}
-    subnormals : int
-        Values flushed to zero by `GraphIndex.cast_folded` while building this plan.
-    bn : NodeProto or None
-        The node reported on; defaults to the anchor node the pattern was called with.
-    """
-
-    into: str | None
-    remove: list[onnx.NodeProto] = field(default_factory=list)
-    replace: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = field(default_factory=list)
-    constants: dict[str, np.ndarray] = field(default_factory=dict)
-    tensor_map: dict[str, str] = field(default_factory=dict)
-    status: str = "folded"
-    subnormals: int = 0
-    bn: onnx.NodeProto | None = None
-
-
-class Pattern(Protocol):
-    """See the module docstring."""
-
-    name: str
-    anchors: frozenset[str]
-
-    def __call__(self, node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | None: ...
-
-
-@dataclass(frozen=True)
-class FunctionPattern:
-    """A `Pattern` made from a plain function ``func(node, index)``."""
-
-    name: str
-    anchors: frozenset[str]
-    func: Callable[[onnx.NodeProto, GraphIndex], Rewrite | Skip | None]
-
-    def __call__(self, node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | None:
-        return self.func(node, index)
-
-
-def pattern(name: str, *anchors: str) -> Callable[[Callable], FunctionPattern]:
-    """Decorator turning ``func(node, index)`` into a `FunctionPattern` anchored on ``anchors``."""
-
-    def wrap(func: Callable) -> FunctionPattern:
-        return FunctionPattern(name=name, anchors=frozenset(anchors), func=func)
-
-    return wrap
 
 
 @dataclass(frozen=True)
@@ -285,65 +194,6 @@ def replace_node(
     for key, value in (attrs or {}).items():
         new.attribute.append(helper.make_attribute(key, value))
     return new
-
-
-_RAW_DTYPES = {
-    TensorProto.FLOAT: np.dtype(np.float32),
-    TensorProto.DOUBLE: np.dtype(np.float64),
-    TensorProto.FLOAT16: np.dtype(np.float16),
-    TensorProto.INT8: np.dtype(np.int8),
-    TensorProto.UINT8: np.dtype(np.uint8),
-    TensorProto.INT16: np.dtype(np.int16),
-    TensorProto.UINT16: np.dtype(np.uint16),
-    TensorProto.INT32: np.dtype(np.int32),
-    TensorProto.UINT32: np.dtype(np.uint32),
-    TensorProto.INT64: np.dtype(np.int64),
-    TensorProto.UINT64: np.dtype(np.uint64),
-    TensorProto.BOOL: np.dtype(np.bool_),
-}
-
-
-_tensor_dtype = functools.lru_cache(maxsize=None)(helper.np_dtype_to_tensor_dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def np_dtype(elem_type: int) -> np.dtype | None:
-    """NumPy dtype of an ONNX element type (ml_dtypes' bfloat16 for BFLOAT16), or None."""
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-    except Exception:  # noqa: BLE001 - unknown / undefined element types
-        return None
-
-
-def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's values; a read-only view of ``raw_data`` for the common numeric types."""
-    dtype = _RAW_DTYPES.get(tensor.data_type)
-    if dtype is not None and tensor.HasField("raw_data") and sys.byteorder == "little":
-        raw = tensor.raw_data
-        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor)
-
-
-def array_to_tensor(
-    array: np.ndarray, name: str, elem_type: int | None = None, *, into: onnx.TensorProto | None = None
-) -> onnx.TensorProto:
-    """A TensorProto holding ``array`` as ``raw_data``, written once.
-
-    ``into``: an empty tensor to fill (e.g. ``graph.initializer.add()``), which saves copying
-    the bytes again when the tensor is appended to a graph.
-    """
-    array = np.asarray(array)
-    if elem_type is None:
-        elem_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-    tensor = TensorProto() if into is None else into
-    if elem_type in _RAW_DTYPES and sys.byteorder == "little":
-        tensor.name = name
-        tensor.data_type = elem_type
-        tensor.dims.extend(array.shape)
-        tensor.raw_data = np.ascontiguousarray(array, dtype=_RAW_DTYPES[elem_type]).tobytes()
-    else:
-        tensor.CopyFrom(numpy_helper.from_array(array, name))
-    return tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -886,25 +736,7 @@ class GraphIndex:
 
         Returns ``(array, n_flushed)`` or `Skip` if a value overflows the target type.
         """
-        dtype = np_dtype(elem_type)
-        if dtype is None:
-            return Skip(f"{what} has element type {elem_type}, which bnfold does not fold")
-        reason = check_representable(values, dtype)
-        if reason is not None:
-            return Skip(f"{what}: {reason}")
-        cast = np.asarray(values, dtype=np.float64).astype(dtype)
-        tiny = _smallest_normal(dtype)
-        if tiny is None or not cast.size:
-            return cast, 0
-        probe = cast if cast.dtype.kind == "f" else cast.astype(np.float32)
-        # Boolean temporaries only (1 byte per value): no float-sized scratch arrays.
-        subnormal = (probe < tiny) & (probe > -tiny)
-        if not subnormal.any():  # the common case
-            return cast, 0
-        subnormal &= probe != 0
-        count = int(np.count_nonzero(subnormal))
-        cast[subnormal] = 0
-        return cast, count
+        return cast_folded(values, elem_type, what)
 
     # ---- applying rewrites --------------------------------------------------------------
     def apply(self, rewrite: Rewrite) -> None:
@@ -920,7 +752,7 @@ class GraphIndex:
             new_nodes.extend(replacement)
         constant_nodes = []
         for name, array in rewrite.constants.items():
-            elem_type = _tensor_dtype(np.asarray(array).dtype)
+            elem_type = elem_type_of(np.asarray(array).dtype)
             if self.function is not None:
                 tensor = array_to_tensor(array, name, elem_type)
                 constant_nodes.append(helper.make_node("Constant", [], [name], value=tensor))
@@ -1024,19 +856,6 @@ def _captured(graph: onnx.GraphProto) -> set[str]:
         defined.update(node.output)
     used.update(v.name for v in graph.output)
     return used - defined
-
-
-@functools.lru_cache(maxsize=None)
-def _smallest_normal(dtype: np.dtype) -> float | None:
-    try:
-        return float(np.finfo(dtype).tiny)
-    except (TypeError, ValueError):
-        try:
-            import ml_dtypes
-
-            return float(ml_dtypes.finfo(dtype).tiny)
-        except Exception:  # noqa: BLE001
-            return None
 
 
 # --------------------------------------------------------------------------------------------
