@@ -79,8 +79,9 @@ class Rewrite:
     constants : dict of str to numpy.ndarray
         New constant tensors, keyed by names reserved with ``index.fresh_name``; written as
         initializers (as Constant nodes inside functions) once, with ``raw_data``.
-    tensor_map : dict of str to str
-        Original tensor name -> new tensor name, for the report (`bnfold.folding.finish`).
+    tensor_map : dict of str to list of str
+        Original tensor name -> every new tensor computed from it, for the report (the policy of
+        `bnfold.folding.finish`).
     status : {"folded", "decomposed"}
     subnormals : int
         Values flushed to zero by `bnfold.folding.casting.cast_folded` while building this plan.
@@ -92,7 +93,7 @@ class Rewrite:
     remove: list[onnx.NodeProto] = field(default_factory=list)
     replace: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = field(default_factory=list)
     constants: dict[str, np.ndarray] = field(default_factory=dict)
-    tensor_map: dict[str, str] = field(default_factory=dict)
+    tensor_map: dict[str, list[str]] = field(default_factory=dict)
     status: str = "folded"
     subnormals: int = 0
     bn: onnx.NodeProto | None = None

@@ -10,7 +10,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bnfold.folding.algebra import bn_affine, check_representable, fold_affine, fold_batchnorm
+from bnfold.folding.algebra import (
+    bn_affine,
+    check_representable,
+    fold_affine,
+    fold_batchnorm,
+)
 
 
 def _bn(z, gamma, beta, mean, var, eps, axis):
@@ -90,3 +95,43 @@ def test_check_representable(dtype, value, ok):
 
 def test_check_representable_nonfinite():
     assert "not finite" in check_representable(np.array([np.nan]), np.float32)
+
+
+@pytest.mark.parametrize("c_shape", [None, (), (3,), (1, 3), (5, 1), (5, 3)])
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 1.0), (0.5, -2.0)])
+def test_gemm_fold_matches_gemm_then_bn(c_shape, alpha, beta):
+    """``BN(alpha * A B + beta * C)`` == ``A B' + C'`` (the Gemm after folding has alpha = beta = 1)."""
+    from bnfold.folding.algebra import fold_affine_general
+
+    rng = np.random.default_rng(len(c_shape or ()) + int(alpha * 10))
+    a, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 3))
+    c = None if c_shape is None else rng.standard_normal(c_shape)
+    gamma, beta_bn, mean = rng.standard_normal((3, 3))
+    var = rng.uniform(0.1, 2, 3)
+    ref = _bn(alpha * a @ b + (0 if c is None else beta * c), gamma, beta_bn, mean, var, 1e-5, axis=1)
+    scale, shift = bn_affine(gamma, beta_bn, mean, var, 1e-5)
+    b2, c2 = fold_affine_general(b, c, scale, shift, axis=1, alpha=alpha, beta=beta)
+    # float64 throughout: a few ulp of the output scale.
+    np.testing.assert_allclose(a @ b2 + c2, ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("c_shape", [None, (3,), (5, 3)])
+def test_gemm_input_fold_matches_bn_then_gemm(trans_b, c_shape):
+    """``alpha * BN(A) B + beta * C`` == ``alpha * A B' + C'`` (the Gemm keeps alpha, beta = 1)."""
+    from bnfold.folding.algebra import fold_affine_into_gemm_input
+
+    rng = np.random.default_rng(3 + trans_b)
+    a, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 3))
+    c = None if c_shape is None else rng.standard_normal(c_shape)
+    alpha, beta = 1.5, -0.5
+    gamma, beta_bn, mean = rng.standard_normal((3, 4))
+    var = rng.uniform(0.1, 2, 4)
+    ref = alpha * _bn(a, gamma, beta_bn, mean, var, 1e-5, axis=1) @ b + (0 if c is None else beta * c)
+    scale, shift = bn_affine(gamma, beta_bn, mean, var, 1e-5)
+    stored = b.T if trans_b else b
+    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+    b2, c2 = fold_affine_into_gemm_input(stored, c, scale, shift, in_axis=in_axis, out_axis=out_axis, alpha=alpha,
+                                         beta=beta)
+    got = alpha * a @ (b2.T if trans_b else b2) + c2
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-13 * np.abs(ref).max())
