@@ -20,14 +20,7 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.io.external import load_external_data
-from bnfold.io.files import (
-    PROTOBUF_LIMIT,
-    all_tensors,
-    check_input_file,
-    one_line,
-    read_bytes,
-    serialized_size,
-)
+from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, check_input_file, one_line, read_bytes, serialized_size
 
 __all__ = ["load_model", "check_model"]
 
