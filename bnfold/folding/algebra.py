@@ -21,6 +21,8 @@ import numpy as np
 
 __all__ = [
     "bn_affine",
+    "compose_affine",
+    "affine_step",
     "fold_affine",
     "fold_affine_general",
     "fold_affine_into_consumer",
@@ -36,6 +38,30 @@ def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarra
     scale = np.asarray(gamma, dtype=np.float64) / np.sqrt(var + float(eps))
     shift = np.asarray(beta, dtype=np.float64) - np.asarray(mean, dtype=np.float64) * scale
     return scale, shift
+
+
+def compose_affine(scale, shift, then_scale, then_shift) -> tuple[np.ndarray, np.ndarray]:
+    """``z -> then_scale * (scale * z + shift) + then_shift`` as one ``(scale, shift)``."""
+    return scale * then_scale, shift * then_scale + then_shift
+
+
+def affine_step(scale, shift, op: str, c, *, value_first: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """The affine map ``z -> scale * z + shift`` followed by an elementwise ``op`` with ``c``.
+
+    ``value_first``: the running value is the op's first operand (``v - c``, ``v / c``) rather
+    than its second (``c - v``, ``c / v``). Returns the new ``(scale, shift)``, or None if the
+    result is not an affine map of ``z`` with finite coefficients (``c / v``, or ``v / c`` with a
+    zero in ``c``).
+    """
+    if op == "Add":
+        return scale, shift + c
+    if op == "Sub":
+        return (scale, shift - c) if value_first else (-scale, c - shift)
+    if op == "Mul":
+        return scale * c, shift * c
+    if op == "Div" and value_first and np.all(c != 0):
+        return scale / c, shift / c
+    return None
 
 
 def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:

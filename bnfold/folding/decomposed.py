@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.folding.algebra import fold_affine
+from bnfold.folding.algebra import affine_step, compose_affine, fold_affine
 from bnfold.folding.batchnorm import read_batchnorm, validate_batchnorm
 from bnfold.folding.casting import FLOAT_TYPES, cast_folded
 from bnfold.folding.finish import bn_sources, cast_and_name, finish
@@ -175,7 +175,7 @@ def collapse_chain(
             if step is None:
                 break
             c_scale, c_shift, names = step
-            scale, shift = scale * c_scale, shift * c_scale + c_shift
+            scale, shift = compose_affine(scale, shift, c_scale, c_shift)
             _merge_roles(constants, names)
         elif op in _ARITHMETIC:
             operand = _constant_operand(node, current, index)
@@ -185,18 +185,10 @@ def collapse_chain(
             c = _per_channel(value, rank, axis, channels)
             if c is None:
                 break
-            if op == "Add":
-                shift = shift + c
-            elif op == "Sub" and current_first:
-                shift = shift - c
-            elif op == "Sub":
-                scale, shift = -scale, c - shift
-            elif op == "Mul":
-                scale, shift = scale * c, shift * c
-            elif current_first and np.all(c != 0):
-                scale, shift = scale / c, shift / c
-            else:
-                break  # c / z is not affine; z / 0 is not finite
+            step = affine_step(scale, shift, op, c, value_first=current_first)
+            if step is None:
+                break
+            scale, shift = step
             _merge_roles(constants, {name: "scale" if op in ("Mul", "Div") else "shift"})
         else:
             break

@@ -47,7 +47,7 @@ from bnfold.folding.batchnorm import BatchNormParams, read_batchnorm
 from bnfold.folding.casting import FLOAT_TYPES
 from bnfold.folding.finish import bn_sources, cast_and_name, finish
 from bnfold.folding.index import GraphIndex
-from bnfold.folding.linear_ops import LINEAR_OPS, LinearOp, linear_op
+from bnfold.folding.linear_ops import LINEAR_OPS, LinearOp, WeightLayout, linear_op
 from bnfold.folding.nodes import get_attr, is_default, node_label
 from bnfold.folding.patterns import Invalid, Rewrite, Skip, pattern
 
@@ -109,7 +109,9 @@ def _reads_dtype_for_bias_of(user: onnx.NodeProto, y: str, users, index: GraphIn
     return False
 
 
-def _weight(index: GraphIndex, consumer: onnx.NodeProto, op: LinearOp) -> tuple[str, np.ndarray, int] | Skip:
+def _weight(index: GraphIndex, consumer: onnx.NodeProto, op: LinearOp, rank_note: str = "",
+            ) -> tuple[str, np.ndarray, int] | Skip:
+    """``(name, value, elem_type)`` of a constant float weight of the rank the op needs, or `Skip`."""
     name = op.weight_name(consumer)
     if not name:
         return Skip(f"{consumer.op_type} '{node_label(consumer)}' has no weight input")
@@ -119,7 +121,28 @@ def _weight(index: GraphIndex, consumer: onnx.NodeProto, op: LinearOp) -> tuple[
     elem_type = index.elem_type(name)
     if elem_type not in FLOAT_TYPES:
         return Skip(f"weight '{name}' has element type {elem_type}, not a float type")
+    if not op.weight_rank_ok(value.ndim):
+        return Skip(f"{op.op_type} weight '{name}' has rank {value.ndim}{rank_note}")
     return name, value, elem_type
+
+
+def _contracted_weight(consumer: onnx.NodeProto, op: LinearOp, params: BatchNormParams, index: GraphIndex, *,
+                       rank_note: str, unit: str) -> tuple[str, np.ndarray, int, WeightLayout] | Skip:
+    """Gemm / MatMul weight whose contracted axis must hold the BN's channels (rules 4 and 5).
+
+    A mismatch is `Invalid`: the BN output has as many channels as its parameters have values.
+    """
+    found = _weight(index, consumer, op, rank_note)
+    if isinstance(found, Skip):
+        return found
+    weight_name, weight, elem_type = found
+    layout = op.layout(consumer)
+    if layout.input_channels(weight.shape) != params.channels:
+        return Invalid(
+            f"{op.op_type} '{node_label(consumer)}' contracts {weight.shape[layout.in_axis]} {unit} but the BN"
+            f" parameters have {params.channels} values"
+        )
+    return weight_name, weight, elem_type, layout
 
 
 def _bias(index: GraphIndex, consumer: onnx.NodeProto, op: LinearOp) -> tuple[str | None, np.ndarray | None] | Skip:
@@ -174,8 +197,6 @@ def _fold_conv(node, consumer, op: LinearOp, params: BatchNormParams, index: Gra
     if isinstance(found, Skip):
         return found
     weight_name, weight, elem_type = found
-    if not op.weight_rank_ok(weight.ndim):
-        return Skip(f"Conv weight '{weight_name}' has rank {weight.ndim}")
     reason = _conv_padding_reason(consumer, tuple(weight.shape[2:]))
     if reason is not None:
         return Skip(reason)
@@ -223,19 +244,11 @@ def _fold_gemm(node, consumer, op: LinearOp, params: BatchNormParams, index: Gra
         return Skip("Gemm before opset 7 broadcasts C only with the 'broadcast' attribute")
     if int(get_attr(consumer, "transA", 0)):  # ONNX Gemm default: transA = 0
         return Skip("Gemm has transA=1: BN channels would be its rows, not the contraction axis")
-    found = _weight(index, consumer, op)
+    # Gemm's A is 2-D and (transA = 0) its axis 1, the BN channel axis, is contracted with B.
+    found = _contracted_weight(consumer, op, params, index, rank_note="", unit="columns")
     if isinstance(found, Skip):
         return found
-    weight_name, weight, elem_type = found
-    if not op.weight_rank_ok(weight.ndim):
-        return Skip(f"Gemm weight '{weight_name}' has rank {weight.ndim}")
-    layout = op.layout(consumer)
-    if layout.input_channels(weight.shape) != params.channels:
-        # Gemm's A is 2-D and (transA = 0) its axis 1, the BN channel axis, is contracted with B.
-        return Invalid(
-            f"Gemm '{node_label(consumer)}' contracts {weight.shape[layout.in_axis]} columns but the BN parameters"
-            f" have {params.channels} values"
-        )
+    weight_name, weight, elem_type, layout = found
     found_bias = _bias(index, consumer, op)
     if isinstance(found_bias, Skip):
         return found_bias
@@ -267,19 +280,11 @@ def _fold_matmul(node, consumer, op: LinearOp, params: BatchNormParams, index: G
         )
     if rank != 2:
         return Skip(f"BN input has rank {rank}: BN normalizes axis 1, not the MatMul's contraction axis")
-    found = _weight(index, consumer, op)
+    # Rank 2: the BN channel axis 1 is the axis MatMul contracts with the weight's rows.
+    found = _contracted_weight(consumer, op, params, index, rank_note=", not 2", unit="rows")
     if isinstance(found, Skip):
         return found
-    weight_name, weight, elem_type = found
-    if not op.weight_rank_ok(weight.ndim):
-        return Skip(f"MatMul weight '{weight_name}' has rank {weight.ndim}, not 2")
-    layout = op.layout(consumer)
-    if layout.input_channels(weight.shape) != params.channels:
-        # Rank 2: the BN channel axis 1 is the axis MatMul contracts with the weight's rows.
-        return Invalid(
-            f"MatMul '{node_label(consumer)}' contracts {weight.shape[layout.in_axis]} rows but the BN parameters have"
-            f" {params.channels} values"
-        )
+    weight_name, weight, elem_type, layout = found
     scale, shift = params.affine()
     weight64, bias64 = fold_affine_into_gemm_input(weight, None, scale, shift, in_axis=layout.in_axis,
                                                    out_axis=layout.out_axis)

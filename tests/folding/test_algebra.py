@@ -135,3 +135,37 @@ def test_gemm_input_fold_matches_bn_then_gemm(trans_b, c_shape):
                                          beta=beta)
     got = alpha * a @ (b2.T if trans_b else b2) + c2
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(("op", "value_first"), [("Add", True), ("Add", False), ("Sub", True), ("Sub", False),
+                                                 ("Mul", True), ("Div", True)])
+def test_affine_step_matches_the_elementwise_op(op, value_first):
+    """After ``v = s z + t``, the step's ``(s', t')`` give ``s' z + t' == op(v, c)`` (float64)."""
+    from bnfold.folding.algebra import affine_step
+
+    rng = np.random.default_rng(len(op) + value_first)
+    z, c = rng.standard_normal((6, 3)), rng.uniform(0.5, 2.0, 3)
+    scale, shift = rng.standard_normal(3), rng.standard_normal(3)
+    v = scale * z + shift
+    ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+    ref = ops[op](v, c) if value_first else ops[op](c, v)
+    new_scale, new_shift = affine_step(scale, shift, op, c, value_first=value_first)
+    np.testing.assert_allclose(new_scale * z + new_shift, ref, rtol=1e-14, atol=1e-14)
+
+
+def test_affine_step_refuses_what_is_not_affine():
+    from bnfold.folding.algebra import affine_step
+
+    ones = np.ones(2)
+    assert affine_step(ones, ones, "Div", np.array([1.0, 2.0]), value_first=False) is None  # c / v
+    assert affine_step(ones, ones, "Div", np.array([1.0, 0.0]), value_first=True) is None  # v / 0
+    assert affine_step(ones, ones, "Pow", ones, value_first=True) is None
+
+
+def test_compose_affine():
+    from bnfold.folding.algebra import compose_affine
+
+    z = np.linspace(-2, 2, 5)[:, None]
+    s1, t1, s2, t2 = np.array([2.0]), np.array([1.0]), np.array([-3.0]), np.array([0.5])
+    s, t = compose_affine(s1, t1, s2, t2)
+    np.testing.assert_array_equal(s * z + t, s2 * (s1 * z + t1) + t2)  # small integers: exact
