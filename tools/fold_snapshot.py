@@ -31,7 +31,9 @@ from typing import Any
 __all__ = ["fingerprint", "compare"]
 
 _RECORDS: dict[str, set[str]] = {}
+_TESTS: dict[str, set[str]] = {}
 _UNHASHABLE = {"count": 0}
+_CURRENT = {"test": ""}
 
 
 def _sha(data: bytes) -> str:
@@ -72,6 +74,7 @@ def _install() -> None:
         options = self.options
         key = _sha(data + repr((options.decompose_rest, options.keep_initializer_inputs,
                                 sorted(options.exclude))).encode())
+        _TESTS.setdefault(key, set()).add(_CURRENT["test"])
         try:
             result = original(self, model)
         except Exception as exc:
@@ -88,13 +91,18 @@ def _dump() -> None:
     if not path:
         return
     records = {key: sorted(values) for key, values in sorted(_RECORDS.items())}
+    tests = {key: sorted(values) for key, values in sorted(_TESTS.items())}
     with open(path, "w") as handle:
-        json.dump({"records": records, "not_fingerprinted": _UNHASHABLE["count"]}, handle, indent=0)
+        json.dump({"records": records, "tests": tests, "not_fingerprinted": _UNHASHABLE["count"]}, handle, indent=0)
 
 
 def pytest_configure(config) -> None:  # noqa: D103 - pytest hook
     _install()
     atexit.register(_dump)
+
+
+def pytest_runtest_setup(item) -> None:  # noqa: D103 - pytest hook
+    _CURRENT["test"] = item.nodeid
 
 
 def _without_tensor_map(outcomes: list[str]) -> list[str]:
@@ -119,6 +127,11 @@ def main(argv: list[str]) -> int:
     outcomes = sum(len(v) for k, v in before["records"].items() if k in after["records"])
     print(f"inputs compared: {compared} ({outcomes} outcomes); only before: {only_before}; only after: "
           f"{only_after}; not fingerprinted: {before['not_fingerprinted']} / {after['not_fingerprinted']}")
+    for name, one, other in (("before", before, after), ("after", after, before)):
+        alone = sorted({test for key in set(one["records"]) - set(other["records"])
+                        for test in one.get("tests", {}).get(key, ["?"])})
+        if alone:
+            print(f"tests whose inputs ran only {name}: " + ", ".join(alone))
     maps = compare(before, after, tensor_map=False)[3]
     for key in maps[:10]:
         print(f"DIFFERENT {key[:16]}: {before['records'][key]} != {after['records'][key]}")
