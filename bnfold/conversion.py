@@ -166,7 +166,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         "bn_folded": report.folded,
         "bn_total": report.total,
         "fold": report.to_dict(),
-        "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
+        "tensor_map": _merged_tensor_map(report),
         "kept_by_reason": _kept_by_reason(report),
         "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
         "size_bytes": {"before": size_before, "after": None},
@@ -213,6 +213,13 @@ def _pinned_reference(model: onnx.ModelProto, pins: Mapping[str, Any]) -> onnx.M
     from bnfold.folding.switches import pinned_reference
 
     return pinned_reference(model, pins)
+def _merged_tensor_map(report) -> dict[str, list[str]]:
+    """Every entry's tensor map in one: original tensor -> every new tensor computed from it."""
+    merged: dict[str, list[str]] = {}
+    for entry in report.entries:
+        for name, news in entry.tensor_map.items():
+            merged.setdefault(name, []).extend(new for new in news if new not in merged[name])
+    return merged
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:

@@ -39,18 +39,11 @@ from onnx import numpy_helper
 from bnfold.diagnosis.report import BNDiagnosis
 from bnfold.errors import BnfoldError
 from bnfold.folding.algebra import bn_affine
-from bnfold.folding.graph import (
-    AttributeRef,
-    BatchNormParams,
-    FoldOptions,
-    GraphIndex,
-    ModelContext,
-    Skip,
-    attr_graphs,
-    get_attr,
-    node_label,
-    validate_batchnorm,
-)
+from bnfold.folding.batchnorm import BatchNormParams, read_batchnorm, validate_batchnorm
+from bnfold.folding.context import FoldOptions, ModelContext
+from bnfold.folding.index import GraphIndex
+from bnfold.folding.nodes import AttributeRef, attr_graphs, get_attr, node_label
+from bnfold.folding.patterns import Skip
 from bnfold.folding.report import FoldEntry, FoldReport
 
 __all__ = ["diagnose_static", "training_mode_reason", "HUGE_SCALE", "FLOAT16_MAX", "FLOAT16_TINY"]
@@ -206,7 +199,7 @@ def _batchnorm(node: onnx.NodeProto, index: GraphIndex, entry: FoldEntry | None,
     # Without the dry run (``convert``'s check) the fold pass that follows validates the BN
     # itself, and refuses it with the same message: only what it accepts is checked here.
     invalid = _validation_error(node, index) if full else None
-    params = index.read_batchnorm(node)
+    params = read_batchnorm(node, index)
     if isinstance(params, Skip):
         log.debug("BN %s: parameters not read: %s", diagnosis.name, params.reason)
         if invalid is not None:
@@ -278,13 +271,17 @@ def _folded_values(entry: FoldEntry, params: BatchNormParams, index: GraphIndex,
     element that was already below float16's normal range before folding (or 0) is not the fold's
     doing and is left out."""
     values: dict[str, np.ndarray] = {}
-    for role, what in (("scale", "folded weight"), ("bias", "folded bias")):
-        new = entry.tensor_map.get(params.names.get(role, ""))
+    # The tensor map lists every new tensor computed from each original: beta reaches only the new
+    # bias; gamma reaches the new weight and the new bias.
+    from_beta = entry.tensor_map.get(params.names.get("bias", ""), [])
+    from_gamma = [new for new in entry.tensor_map.get(params.names.get("scale", ""), []) if new not in from_beta]
+    for news, what in ((from_gamma, "folded weight"), (from_beta, "folded bias")):
+        new = news[0] if len(news) == 1 else None
         if new is None or new not in folded:
             continue
         array = numpy_helper.to_array(folded[new]).astype(np.float64)
-        originals = [index.constant(old) for old, target in entry.tensor_map.items()
-                     if target == new and old not in params.names.values()]
+        originals = [index.constant(old) for old, targets in entry.tensor_map.items()
+                     if new in targets and old not in params.names.values()]
         same = [np.asarray(o, dtype=np.float64) for o in originals if o is not None and np.shape(o) == array.shape]
         if same:
             array = np.where(np.abs(same[0]) < FLOAT16_TINY, 0.0, array)

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto
 
-from bnfold.folding.graph import get_attr, np_dtype, tensor_to_array
+from bnfold.folding.nodes import DEFAULT_DOMAINS, get_attr
+from bnfold.folding.tensors import np_dtype, tensor_to_array
 
 __all__ = [
     "ARITHMETIC", "DEFAULT_DOMAINS", "MAX_COMPUTED", "MAX_ELEMENTS", "UNKNOWN", "Scope", "Value", "branch_of",
@@ -26,7 +27,6 @@ __all__ = [
 #: single values; anything bigger is data, not a switch.
 MAX_ELEMENTS = 64
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 @dataclass(frozen=True)
 class Value:

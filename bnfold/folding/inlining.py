@@ -25,7 +25,7 @@ from bnfold.folding.conditions import (
     is_if,
     small_enough,
 )
-from bnfold.folding.graph import attr_graphs, node_label
+from bnfold.folding.nodes import attr_graphs, node_label
 
 __all__ = ["Resolver", "has_if", "node_reads", "prune"]
 

@@ -68,7 +68,8 @@ from bnfold.folding.conditions import (
     is_if,
     is_small,
 )
-from bnfold.folding.graph import attr_graphs, get_attr, node_label, np_dtype, tensor_to_array
+from bnfold.folding.nodes import attr_graphs, get_attr, node_label
+from bnfold.folding.tensors import np_dtype, tensor_to_array
 from bnfold.folding.inlining import Resolver, has_if, node_reads, prune
 
 __all__ = [
