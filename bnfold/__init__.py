@@ -1,7 +1,8 @@
 """bnfold: batch normalization done right in NumPy, and exact BN folding for ONNX models.
 
 The public functions live in modules named differently from them (``bnfold.fold`` is the function
-of `bnfold.folding`, ``bnfold.verify`` that of `bnfold.verification`), so importing a submodule
+of `bnfold.folding`, ``bnfold.verify`` that of `bnfold.verification`, ``bnfold.recalibrate`` that
+of `bnfold.recalibration`), so importing a submodule
 never replaces a public name: every name below works after ``import bnfold`` in any order, any
 number of times. They are resolved on first use, so that ``import bnfold`` stays light (no onnx,
 no onnxruntime); the ``TYPE_CHECKING`` imports let type checkers and IDEs see them.
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from bnfold.export import export_onnx
     from bnfold.folding import fold
     from bnfold.nn.batchnorm import BatchNorm
+    from bnfold.recalibration import recalibrate
     from bnfold.verification import verify
 
 __version__ = "0.1.0"
@@ -33,6 +35,7 @@ __all__ = [
     "fold",
     "verify",
     "convert",
+    "recalibrate",
     "__version__",
 ]
 
@@ -44,6 +47,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "fold": ("bnfold.folding", "fold"),
     "verify": ("bnfold.verification", "verify"),
     "convert": ("bnfold.conversion", "convert"),
+    "recalibrate": ("bnfold.recalibration", "recalibrate"),
 }
 
 

@@ -32,9 +32,12 @@ mode are refused (they do not use their stored statistics).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +50,7 @@ from bnfold.moments import BatchAverage
 from bnfold.population import Progress, batchnorm_indices, input_specs, run_shards, submodel, subgraph_reads
 from bnfold.runtime import ModelLike, load, run, session
 
-__all__ = ["recalibrate", "Recalibration", "BNChange", "METHODS", "bn_levels", "drift", "with_statistics"]
+__all__ = ["recalibrate", "recalibrate_file", "Recalibration", "BNChange", "METHODS", "bn_levels", "drift", "with_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +406,7 @@ def accuracy(model: onnx.ModelProto, dataset: Dataset, batch_size: int, threads:
 
 def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batch_size: int = 256,
                 executor: Executor | None = None, shards: int | None = None, threads: int = 1,
-                labels: str | None = None, progress: Progress | None = None) -> Recalibration:
+                labels: str | None = None, progress: Callable[[int, int], None] | None = None) -> Recalibration:
     """Recompute every main-graph BatchNormalization's mean and variance from ``data``.
 
     Parameters
@@ -429,7 +432,8 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
     labels : str, optional
         Key of integer labels in the data: accuracy (argmax of the first output) before and after.
     progress : callable, optional
-        Called with the number of batches finished (levels x batches in all for ``exact``).
+        ``progress(done, total)``: called with the number of batches just finished and the total
+        (levels x batches for ``exact``, batches for ``batch``).
 
     Returns
     -------
@@ -455,8 +459,11 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
     dataset = open_dataset(data, input_specs(model, label), labels=labels)
     stored = _stored_statistics(model, nodes)
     levels = bn_levels(model)
+    batches = len(dataset.bounds(batch_size))
+    total = batches * (max(levels) + 1 if method == "exact" else 1)
+    step = None if progress is None else (lambda done: progress(done, total))
     options = {"batch_size": batch_size, "executor": executor, "shards": shards, "threads": threads,
-               "progress": progress}
+               "progress": step}
     if method == "exact":
         stats = _exact(model, nodes, stored, dataset, levels, **options)
     else:
@@ -467,9 +474,46 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
                         stored[position][1].astype(np.float64).reshape(-1), *stats[position])
                for position, node in enumerate(nodes)]
     result = Recalibration(new_model, method, changes, levels=max(levels) + 1 if method == "exact" else 1,
-                           samples=len(dataset), batch_size=batch_size, batches=len(dataset.bounds(batch_size)),
+                           samples=len(dataset), batch_size=batch_size, batches=batches,
                            labels=labels)
     if labels is not None:
         result.accuracy_before = accuracy(model, dataset, batch_size, threads)
         result.accuracy_after = accuracy(new_model, dataset, batch_size, threads)
     return result
+
+
+def recalibrate_file(input_path: str | os.PathLike, output_path: str | os.PathLike, data: DataLike, *,
+                     fold: bool = False, force: bool = False, json_path: str | os.PathLike | None = None,
+                     **options: Any) -> tuple[Recalibration, Any]:
+    """`recalibrate` the model file IN and write OUT atomically (``bnfold recalibrate``).
+
+    IN is never modified. With ``fold=True`` the recalibrated model is folded and verified by
+    `bnfold.conversion.convert` (OUT is then written only if verification passes). ``options``
+    are those of `recalibrate`. Returns the `Recalibration` and the `ConvertResult` (or None).
+    """
+    from bnfold.io import check_output_path, load_model, save_model, write_json
+
+    source, out = Path(input_path), Path(output_path)
+    data_paths = [Path(item) for item in (data if isinstance(data, (list, tuple)) else [data])
+                  if isinstance(item, (str, os.PathLike))]
+    check_output_path(out, overwrite=force, inputs=(source, *data_paths))
+    if json_path is not None:
+        if Path(json_path).resolve() in (out.resolve(), source.resolve()):
+            raise BnfoldError(f"{json_path}: the JSON report path equals the input or the output model")
+        check_output_path(json_path, overwrite=True, inputs=(source, *data_paths))
+    result = recalibrate(load_model(source), data, **options)
+    converted = None
+    if fold:
+        from bnfold.conversion import convert
+
+        with tempfile.TemporaryDirectory(prefix="bnfold-recalibrate-") as folder:
+            staged = Path(folder) / source.name
+            save_model(result.model, staged)
+            converted = convert(staged, out, force=force)
+        converted.data["input"] = f"{source} (recalibrated)"
+    else:
+        save_model(result.model, out)
+    if json_path is not None:
+        write_json(json_path, {"input": str(source), "output": str(out), **result.to_dict(),
+                               "fold": converted.data if converted is not None else None})
+    return result, converted

@@ -15,11 +15,11 @@ import pytest
 import bnfold
 
 SUBMODULES = ["bnfold.folding", "bnfold.verification", "bnfold.conversion", "bnfold.testing",
-              "bnfold.export", "bnfold.nn.training", "bnfold.nn.checkpoint", "bnfold.cli"]
+              "bnfold.export", "bnfold.nn.training", "bnfold.nn.checkpoint", "bnfold.cli", "bnfold.recalibration"]
 
 CHECK = """
 import bnfold, types
-for name in ("fold", "verify", "convert", "export_onnx", "BatchNorm"):
+for name in ("fold", "verify", "convert", "recalibrate", "export_onnx", "BatchNorm"):
     value = getattr(bnfold, name)
     assert callable(value) and not isinstance(value, types.ModuleType), (name, value)
 assert isinstance(bnfold.nn, types.ModuleType)
@@ -50,7 +50,7 @@ def test_nn_names_without_importing_nn_first():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("module", ["bnfold.fold", "bnfold.verify", "bnfold.nn.train"])
+@pytest.mark.parametrize("module", ["bnfold.fold", "bnfold.verify", "bnfold.nn.train", "bnfold.recalibrate"])
 def test_no_module_is_named_like_a_public_function(module):
     result = _run(f"import {module}")
     assert result.returncode != 0

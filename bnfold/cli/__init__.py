@@ -23,6 +23,7 @@ _COMMANDS = {
     "export": "export",
     "convert": "convert",
     "verify": "verify",
+    "recalibrate": "recalibrate",
 }
 
 
