@@ -91,22 +91,21 @@ def submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
         node = graph.node[index]
         wanted.extend(n for n in node.input if n)
         wanted.extend(subgraph_reads(node))
+    # Built field by field: copying the whole model first would copy every weight once per pass.
     cut = onnx.ModelProto()
-    cut.CopyFrom(model)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(cut, field, getattr(model, field))
+    cut.opset_import.extend(model.opset_import)
+    cut.functions.extend(model.functions)
     new = cut.graph
-    kept = [node for index, node in enumerate(graph.node) if index in needed_nodes]
-    del new.node[:]
-    new.node.extend(kept)
+    new.name = graph.name
+    new.node.extend(node for index, node in enumerate(graph.node) if index in needed_nodes)
     used = seen
     initializers = [init for init in graph.initializer if init.name in used]
-    del new.initializer[:]
     new.initializer.extend(initializers)
     sparse = [init for init in graph.sparse_initializer if init.values.name in used]
-    del new.sparse_initializer[:]
     new.sparse_initializer.extend(sparse)
-    inputs = [value for value in graph.input if value.name in used]
-    del new.input[:]
-    new.input.extend(inputs)
+    new.input.extend(value for value in graph.input if value.name in used)
     constant = {init.name for init in initializers} | {init.values.name for init in sparse}
     for value in new.input:
         if value.name not in constant and value.type.tensor_type.shape.dim:
@@ -115,13 +114,11 @@ def submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
             first.dim_param = "bnfold_batch"
     types = {value.name: value.type.tensor_type.elem_type for value in [*graph.value_info, *graph.output, *graph.input]
              if value.type.HasField("tensor_type")}
-    del new.output[:]
     for name in outputs:
         value = new.output.add()
         value.name = name
         if types.get(name):
             value.type.tensor_type.elem_type = types[name]
-    del new.value_info[:]
     return cut
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,27 +210,31 @@ def _uses(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def with_statistics(model: onnx.ModelProto, stats: dict[int, tuple[np.ndarray, np.ndarray]],
-                    stored: Sequence[tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose BN number ``i`` (graph order) reads ``stats[i]`` = (mean, var).
+def with_statistics(model: onnx.ModelProto, stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    stored: Mapping[str, tuple[np.ndarray, np.ndarray]], *, copy: bool = True) -> onnx.ModelProto:
+    """``model`` (a copy, or itself with ``copy=False``) whose BN with output ``y`` reads
+    ``stats[y]`` = (mean, var); BNs not in ``stats`` are left alone.
 
     Rules (module docstring): an initializer read only by this BN input is rewritten in place;
     otherwise a fresh initializer is added and the BN input re-pointed; initializers nobody
-    reads any more are removed. Values are cast to the dtype and shape of ``stored[i]``.
+    reads any more are removed. Values are cast to the dtype and shape of ``stored[y]``, the
+    statistics they replace.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    positions = {index: position for position, index in enumerate(batchnorm_indices(model))}
-    uses = _uses(model)
-    names = _all_names(model)
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = model
+    uses = _uses(out)
+    names = _all_names(out)
     initializers = {init.name: init for init in out.graph.initializer}
     released: set[str] = set()
-    for index, copy in enumerate(out.graph.node):
-        position = positions.get(index)
-        if position is None or position not in stats:
+    for node in out.graph.node:
+        key = node.output[0] if node.op_type == "BatchNormalization" and node.output else None
+        if key not in stats:
             continue
-        for slot, value, old in zip((3, 4), stats[position], stored[position]):
-            old_name = copy.input[slot]
+        for slot, value, old in zip((3, 4), stats[key], stored[key]):
+            old_name = node.input[slot]
             array = np.asarray(value, dtype=np.float64).astype(old.dtype).reshape(old.shape)
             if old_name in initializers and uses.get(old_name, 0) == 1:
                 initializers[old_name].CopyFrom(numpy_helper.from_array(array, old_name))
@@ -242,7 +246,7 @@ def with_statistics(model: onnx.ModelProto, stats: dict[int, tuple[np.ndarray, n
                 fresh = f"{old_name}.recalibrated.{suffix}"
             names.add(fresh)
             out.graph.initializer.append(numpy_helper.from_array(array, fresh))
-            copy.input[slot] = fresh
+            node.input[slot] = fresh
             uses[old_name] = uses.get(old_name, 1) - 1
             released.add(old_name)
     unused = {name for name in released if uses.get(name, 0) <= 0 and name in initializers}
@@ -257,21 +261,23 @@ def with_statistics(model: onnx.ModelProto, stats: dict[int, tuple[np.ndarray, n
 
 
 def _exact(model, nodes, stored, dataset, levels, *, batch_size, executor, shards, threads, progress):
-    stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN output name -> new (mean, var)
+    previous = {node.output[0]: values for node, values in zip(nodes, stored)}
     for level in range(max(levels) + 1):
         members = [position for position, value in enumerate(levels) if value == level]
         names = list(dict.fromkeys(nodes[position].input[0] for position in members))
-        working = with_statistics(model, stats, stored) if stats else model
-        moments = dict(zip(names, run_shards(submodel(working, names), dataset, names, batch_size=batch_size,
-                                             executor=executor, shards=shards, threads=threads, progress=progress)))
+        # Cut first, then set the earlier levels' statistics in the (smaller, fresh) submodel.
+        cut = with_statistics(submodel(model, names), stats, previous, copy=False)
+        moments = dict(zip(names, run_shards(cut, dataset, names, batch_size=batch_size, executor=executor,
+                                             shards=shards, threads=threads, progress=progress)))
         for position in members:
             found = moments[nodes[position].input[0]]
             if found.channels != stored[position][0].size:
                 raise BnfoldError(f"BatchNormalization '{_label(nodes[position], position)}': its input has"
                                   f" {found.channels} channels but {stored[position][0].size} statistics")
-            stats[position] = (found.mean, found.var)
+            stats[nodes[position].output[0]] = (found.mean, found.var)
         log.info("level %d: %d BatchNormalization nodes recalibrated", level, len(members))
-    return stats
+    return [stats[node.output[0]] for node in nodes]
 
 
 def _reduce_mean(graph_nodes: list, source: str, target: str, axes: list[int], opset: int, extra: list) -> None:
@@ -387,7 +393,7 @@ def _batch(model, nodes, epsilons, dataset, *, batch_size, executor, shards, thr
     names = [name for triple in triples for name in triple]
     averages = run_shards(submodel(rewritten, names), dataset, names, batch_size=batch_size, executor=executor,
                           shards=shards, threads=threads, progress=progress, work=shard_batch_averages)
-    return {position: (average.mean, average.var) for position, average in enumerate(averages)}
+    return [(average.mean, average.var) for average in averages]
 
 
 def accuracy(model: onnx.ModelProto, dataset: Dataset, batch_size: int, threads: int = 1) -> float:
@@ -468,7 +474,8 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
         stats = _exact(model, nodes, stored, dataset, levels, **options)
     else:
         stats = _batch(model, nodes, epsilons, dataset, **options)
-    new_model = with_statistics(model, stats, stored)
+    new_model = with_statistics(model, {node.output[0]: values for node, values in zip(nodes, stats)},
+                                {node.output[0]: values for node, values in zip(nodes, stored)})
     changes = [BNChange(_label(node, position), node.input[0], levels[position],
                         epsilons[position], stored[position][0].astype(np.float64).reshape(-1),
                         stored[position][1].astype(np.float64).reshape(-1), *stats[position])
