@@ -280,23 +280,26 @@ def _exact(model, nodes, stored, dataset, levels, *, batch_size, executor, shard
     return [stats[node.output[0]] for node in nodes]
 
 
-def _reduce_mean(graph_nodes: list, source: str, target: str, axes: list[int], opset: int, extra: list) -> None:
-    helper = onnx.helper
+def _reduce(op: str, source: str, target: str, axes: list[int], opset: int, nodes: list, extra: list) -> None:
+    """``op`` (ReduceMean, ReduceSumSquare) over ``axes``, keepdims: axes an input from opset 18 on."""
     if opset >= 18:
         axes_name = f"{target}.axes"
         extra.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
-        graph_nodes.append(helper.make_node("ReduceMean", [source, axes_name], [target], keepdims=1))
+        nodes.append(onnx.helper.make_node(op, [source, axes_name], [target], keepdims=1))
     else:
-        graph_nodes.append(helper.make_node("ReduceMean", [source], [target], axes=axes, keepdims=1))
+        nodes.append(onnx.helper.make_node(op, [source], [target], axes=axes, keepdims=1))
 
 
 def batch_statistics_model(model: onnx.ModelProto, epsilons: Sequence[float]) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
     """A copy of ``model`` where every BN normalizes with its batch's statistics (training mode)
     and outputs them: ``(mean, biased var, shape of X reshaped to (N, C, -1))`` names per BN.
 
-    Each BN becomes ``Xr = Reshape(X, [0, 0, -1])``, ``m = ReduceMean(Xr, [0, 2])``,
-    ``d = Xr - m``, ``v = ReduceMean(d * d, [0, 2])``, ``Y = Reshape(d / Sqrt(v + eps) *
-    scale + B, Shape(X))``: the ONNX BatchNormalization training-mode equations.
+    Each BN becomes (the ONNX BatchNormalization training-mode equations, with per-channel
+    factors computed on (1, C, 1) tensors so that only five operations touch the whole batch)::
+
+        Xr = Reshape(X, [0, 0, -1])            m = ReduceMean(Xr, [0, 2])       d = Xr - m
+        v = ReduceSumSquare(d, [0, 2]) / (N * D)      k = scale / Sqrt(v + eps)
+        Y = Reshape(d * k + B, Shape(X))
     """
     helper = onnx.helper
     out = onnx.ModelProto()
@@ -314,12 +317,9 @@ def batch_statistics_model(model: onnx.ModelProto, epsilons: Sequence[float]) ->
                 return name
 
     extra: list[onnx.TensorProto] = []
-    flat = fresh("flat")
-    extra.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), flat))
-    column = fresh("column")
-    extra.append(numpy_helper.from_array(np.array([1, -1, 1], np.int64), column))
-    vector = fresh("vector")
-    extra.append(numpy_helper.from_array(np.array([-1], np.int64), vector))
+    constants = {"flat": [0, 0, -1], "column": [1, -1, 1], "vector": [-1], "reduced": [0, 2]}
+    const = {key: fresh(key) for key in constants}
+    extra += [numpy_helper.from_array(np.array(value, np.int64), const[key]) for key, value in constants.items()]
     positions = {index: position for position, index in enumerate(batchnorm_indices(model))}
     new_nodes: list[onnx.NodeProto] = []
     outputs: list[tuple[str, str, str]] = []
@@ -329,36 +329,41 @@ def batch_statistics_model(model: onnx.ModelProto, epsilons: Sequence[float]) ->
             new_nodes.append(node)
             continue
         x, scale, bias = node.input[0], node.input[1], node.input[2]
-        xr, mean, d, d2, var, shape_r = (fresh(h) for h in ("xr", "mean", "d", "d2", "var", "shape"))
-        eps_name, std, xhat, scale_r, bias_r, scaled, y_r, shape_x = (
-            fresh(h) for h in ("eps", "std", "xhat", "scale", "bias", "scaled", "y", "shape_x"))
-        mean_v, var_v = fresh("mean_out"), fresh("var_out")
+        t = {h: fresh(h) for h in ("xr", "mean", "d", "sumsq", "shape", "dims", "count", "count_f", "var", "eps",
+                                   "var_eps", "std", "scale", "bias", "factor", "scaled", "y", "shape_x",
+                                   "mean_out", "var_out")}
+        extra.append(numpy_helper.from_array(np.array(epsilons[position], np.float32), t["eps"]))
+        eps_typed, count_typed = t["eps"], t["count_f"]
+        new_nodes += [helper.make_node("Reshape", [x, const["flat"]], [t["xr"]]),
+                      helper.make_node("Shape", [t["xr"]], [t["shape"]])]
+        _reduce("ReduceMean", t["xr"], t["mean"], [0, 2], opset, new_nodes, extra)
+        new_nodes.append(helper.make_node("Sub", [t["xr"], t["mean"]], [t["d"]]))
+        _reduce("ReduceSumSquare", t["d"], t["sumsq"], [0, 2], opset, new_nodes, extra)
         new_nodes += [
-            helper.make_node("Reshape", [x, flat], [xr]),
-            helper.make_node("Shape", [xr], [shape_r]),
+            helper.make_node("Gather", [t["shape"], const["reduced"]], [t["dims"]]),
+            helper.make_node("ReduceProd", [t["dims"]], [t["count"]], keepdims=0),
         ]
-        _reduce_mean(new_nodes, xr, mean, [0, 2], opset, extra)
-        new_nodes += [helper.make_node("Sub", [xr, mean], [d]), helper.make_node("Mul", [d, d], [d2])]
-        _reduce_mean(new_nodes, d2, var, [0, 2], opset, extra)
-        extra.append(numpy_helper.from_array(np.array(epsilons[position], np.float32), eps_name))
-        eps_typed = eps_name
-        if opset >= 15:
+        if opset >= 15:  # CastLike: the dtype of X, whatever it is
             eps_typed = fresh("eps_typed")
-            new_nodes.append(helper.make_node("CastLike", [eps_name, x], [eps_typed]))
+            new_nodes += [helper.make_node("CastLike", [t["eps"], x], [eps_typed]),
+                          helper.make_node("CastLike", [t["count"], x], [count_typed])]
+        else:
+            new_nodes.append(helper.make_node("Cast", [t["count"]], [count_typed], to=onnx.TensorProto.FLOAT))
         new_nodes += [
-            helper.make_node("Add", [var, eps_typed], [fresh_sum := fresh("var_eps")]),
-            helper.make_node("Sqrt", [fresh_sum], [std]),
-            helper.make_node("Div", [d, std], [xhat]),
-            helper.make_node("Reshape", [scale, column], [scale_r]),
-            helper.make_node("Reshape", [bias, column], [bias_r]),
-            helper.make_node("Mul", [xhat, scale_r], [scaled]),
-            helper.make_node("Add", [scaled, bias_r], [y_r]),
-            helper.make_node("Shape", [x], [shape_x]),
-            helper.make_node("Reshape", [y_r, shape_x], [node.output[0]]),
-            helper.make_node("Reshape", [mean, vector], [mean_v]),
-            helper.make_node("Reshape", [var, vector], [var_v]),
+            helper.make_node("Div", [t["sumsq"], count_typed], [t["var"]]),
+            helper.make_node("Add", [t["var"], eps_typed], [t["var_eps"]]),
+            helper.make_node("Sqrt", [t["var_eps"]], [t["std"]]),
+            helper.make_node("Reshape", [scale, const["column"]], [t["scale"]]),
+            helper.make_node("Reshape", [bias, const["column"]], [t["bias"]]),
+            helper.make_node("Div", [t["scale"], t["std"]], [t["factor"]]),
+            helper.make_node("Mul", [t["d"], t["factor"]], [t["scaled"]]),
+            helper.make_node("Add", [t["scaled"], t["bias"]], [t["y"]]),
+            helper.make_node("Shape", [x], [t["shape_x"]]),
+            helper.make_node("Reshape", [t["y"], t["shape_x"]], [node.output[0]]),
+            helper.make_node("Reshape", [t["mean"], const["vector"]], [t["mean_out"]]),
+            helper.make_node("Reshape", [t["var"], const["vector"]], [t["var_out"]]),
         ]
-        outputs.append((mean_v, var_v, shape_r))
+        outputs.append((t["mean_out"], t["var_out"], t["shape"]))
     del out.graph.node[:]
     out.graph.node.extend(new_nodes)
     out.graph.initializer.extend(extra)
