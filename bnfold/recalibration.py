@@ -464,7 +464,9 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
     model, label = load(model, "model")
     nodes = [model.graph.node[index] for index in batchnorm_indices(model)]
     if not nodes:
-        raise BnfoldError(f"{label}: no BatchNormalization node in the main graph: nothing to recalibrate")
+        raise BnfoldError(f"{label}: no BatchNormalization node in the main graph: nothing to recalibrate"
+                          " (PyTorch's exporters fold BN into Conv by default: export with"
+                          " do_constant_folding=False, or dynamo=True with optimize=False)")
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 15)
     epsilons = [_check_node(node, position, opset) for position, node in enumerate(nodes)]
     dataset = open_dataset(data, input_specs(model, label), labels=labels)

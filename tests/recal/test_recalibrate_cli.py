@@ -154,3 +154,13 @@ def test_slow_ema_trap_fixed_end_to_end(capsys, tmp_path, digits):
     assert moving_onnx == pytest.approx(moving, abs=0.3)  # the export carries the trainer's moving statistics
     assert batch - moving >= 4.0  # the trap is there (margins measured in tests/nn/test_train.py)
     assert abs(recalibrated - batch) <= 1.0, (recalibrated, batch, moving)
+
+
+def test_progress_bar_on_a_terminal_only(capsys, monkeypatch, tmp_path, files):
+    model, train = files
+    monkeypatch.setattr(__import__("sys").stderr, "isatty", lambda: True)
+    code, stdout, stderr = bnfold(capsys, "recalibrate", model, "--data", train, "-o", tmp_path / "o.onnx",
+                                  "--batch-size", "500")
+    assert code == 0
+    assert "recalibrating" in stderr and "100%" in stderr  # 2 levels x 3 batches, drawn on stderr
+    assert "recalibrating" not in stdout

@@ -231,3 +231,15 @@ def test_batch_method_builds_valid_graphs_for_other_opsets(rk, opset):
     for a, b in zip(reference.changes, other.changes):
         np.testing.assert_allclose(b.mean, a.mean, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(b.var, a.var, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method, passes", [("exact", 2), ("batch", 1)])
+def test_progress_counts_levels_times_batches(rk, pool, method, passes):
+    rng = np.random.default_rng(10)
+    model = rk.mlp(rng)
+    x = rk.data(model, 45, rng)
+    for executor in (None, pool):
+        events = []
+        recalibrate(model, x, method=method, batch_size=10, executor=executor, progress=lambda n, t: events.append((n, t)))
+        assert {total for _, total in events} == {passes * 5}  # 5 batches: 10, 10, 10, 10, 5
+        assert sum(n for n, _ in events) == passes * 5
