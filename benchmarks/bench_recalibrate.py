@@ -11,8 +11,9 @@ bnfold's sessions always are), batches of the same size:
   in front of that level, plus float64 statistics;
 - ``batch``: `recalibrate(method="batch")`, one pass with batch statistics.
 
-Each is timed ``--repeats`` times, interleaved, and the median reported as a multiple of the
-baseline. Goals: batch <= 1.5x, exact <= 0.5 x levels x.
+Each is timed ``--repeats`` times, interleaved, and reported as a multiple of the baseline: the
+best of the repeats (other processes on the machine can only add time) and the median. Goals:
+batch <= 1.5x, exact <= 0.5 x levels x.
 
     python benchmarks/bench_recalibrate.py [--size 64] [--batch-size 64] [--repeats 3]
 
@@ -102,15 +103,16 @@ def main() -> None:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
+    best = {name: min(values) for name, values in times.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
-    base = median["inference"]
     print(f"ResNet-18, {bns} BatchNormalization nodes in {levels} levels, {args.samples} samples of 3x{args.size}x{args.size},"
-          f" batches of {args.batch_size}, 1 thread, median of {args.repeats}")
-    print(f"  inference pass  {base:7.2f} s   1.00x")
+          f" batches of {args.batch_size}, 1 thread, {args.repeats} repeats (best / median)")
+    print(f"  inference pass  {best['inference']:7.2f} s / {median['inference']:7.2f} s")
     for name, goal in [("batch", 1.5), ("exact", 0.5 * levels)]:
-        ratio = median[name] / base
+        ratio = best[name] / best["inference"]
         verdict = "meets" if ratio <= goal else "MISSES"
-        print(f"  {name:<14}  {median[name]:7.2f} s  {ratio:5.2f}x   goal <= {goal:.2f}x ({verdict})")
+        print(f"  {name:<14}  {best[name]:7.2f} s / {median[name]:7.2f} s   {ratio:5.2f}x /"
+              f" {median[name] / median['inference']:5.2f}x   goal <= {goal:.2f}x ({verdict})")
 
 
 if __name__ == "__main__":

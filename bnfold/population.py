@@ -31,7 +31,7 @@ from bnfold.runtime import ModelLike, feed_inputs, load, run, session
 
 __all__ = [
     "bn_input_moments", "batchnorm_nodes", "batchnorm_indices", "subgraph_reads", "input_specs", "submodel", "shard_moments", "run_shards",
-    "Progress",
+    "Progress", "model_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,13 +122,18 @@ def submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
     return cut
 
 
-def shard_moments(model_bytes: bytes, shard: Dataset, names: Sequence[str], batch_size: int,
+def model_of(model: bytes | onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.load_from_string(model) if isinstance(model, bytes) else model
+
+
+def shard_moments(model_bytes: bytes | onnx.ModelProto, shard: Dataset, names: Sequence[str], batch_size: int,
                   threads: int = 1, progress: Progress | None = None) -> list[Moments]:
     """The `Moments` (channel axis 1) of the tensors ``names`` over ``shard``: one session, streamed.
 
-    Pure: everything it needs travels in its arguments, so it runs in any process or machine.
+    Pure: everything it needs travels in its arguments (the model serialized, for other processes
+    or machines; in this process the ModelProto itself), so it runs anywhere.
     """
-    sess = session(onnx.load_from_string(model_bytes), "model", threads)
+    sess = session(model_of(model_bytes), "model", threads)
     names = list(names)
     totals: list[Moments | None] = [None] * len(names)
     for feeds in shard.batches(batch_size):
@@ -160,13 +165,14 @@ def run_shards(model: onnx.ModelProto, dataset: Dataset, names: Sequence[str], *
                progress: Progress | None = None, work: Callable = shard_moments) -> list:
     """``work`` (default `shard_moments`) over ``dataset`` split in shards, here or on ``executor``.
 
-    ``work(model_bytes, shard, names, batch_size, threads)`` must be a module-level function
+    ``work(model, shard, names, batch_size, threads)`` (``model`` serialized to bytes when it
+    goes to ``executor``, the ModelProto itself here) must be a module-level function
     returning a list of mergeable pieces (one per name); they are merged in shard order.
     Shards are whole batches (`Dataset.shards`), so the batches are the same for any shard count.
     """
-    model_bytes = _serialize(model)
     if executor is None:
-        return work(model_bytes, dataset, names, batch_size, threads, progress)
+        return work(model, dataset, names, batch_size, threads, progress)
+    model_bytes = _serialize(model)
     count = shards or max(1, 4 * int(getattr(executor, "_max_workers", 8) or 8))
     pieces = dataset.shards(count, batch_size)
     futures = [executor.submit(work, model_bytes, piece, list(names), batch_size, threads) for piece in pieces]

@@ -47,7 +47,8 @@ from onnx import numpy_helper
 from bnfold.dataset import DataLike, Dataset, open_dataset
 from bnfold.errors import BnfoldError
 from bnfold.moments import BatchAverage
-from bnfold.population import Progress, batchnorm_indices, input_specs, run_shards, submodel, subgraph_reads
+from bnfold.population import (Progress, batchnorm_indices, input_specs, model_of, run_shards, submodel,
+                               subgraph_reads)
 from bnfold.runtime import ModelLike, load, run, session
 
 __all__ = ["recalibrate", "recalibrate_file", "Recalibration", "BNChange", "METHODS", "bn_levels", "drift", "with_statistics"]
@@ -370,11 +371,11 @@ def batch_statistics_model(model: onnx.ModelProto, epsilons: Sequence[float]) ->
     return out, outputs
 
 
-def shard_batch_averages(model_bytes: bytes, shard: Dataset, names: Sequence[str], batch_size: int,
+def shard_batch_averages(model_bytes: bytes | onnx.ModelProto, shard: Dataset, names: Sequence[str], batch_size: int,
                          threads: int = 1, progress: Progress | None = None) -> list[BatchAverage]:
     """Per BN, the sums of batch means and unbiased batch variances over ``shard`` (pure, like
     `bnfold.population.shard_moments`); ``names`` are (mean, var, shape) triples, flattened."""
-    sess = session(onnx.load_from_string(model_bytes), "model", threads)
+    sess = session(model_of(model_bytes), "model", threads)
     names = list(names)
     totals: list[BatchAverage | None] = [None] * (len(names) // 3)
     for lo, hi in shard.bounds(batch_size):
