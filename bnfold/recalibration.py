@@ -250,15 +250,47 @@ def with_statistics(model: onnx.ModelProto, stats: Mapping[str, tuple[np.ndarray
             node.input[slot] = fresh
             uses[old_name] = uses.get(old_name, 1) - 1
             released.add(old_name)
-    unused = {name for name in released if uses.get(name, 0) <= 0 and name in initializers}
-    if unused:
-        kept = [init for init in out.graph.initializer if init.name not in unused]
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(kept)
-        inputs = [value for value in out.graph.input if value.name not in unused]
-        del out.graph.input[:]
-        out.graph.input.extend(inputs)
+    _drop_released(out, released, uses, initializers)
     return out
+
+
+def _drop_released(model: onnx.ModelProto, released: set[str], uses: dict[str, int],
+                   initializers: Mapping[str, onnx.TensorProto]) -> None:
+    """Remove what only fed the replaced statistics: initializers nobody reads any more, and nodes
+    (PyTorch's exporter writes deduplicated statistics as ``Identity`` of a shared tensor) whose
+    outputs nobody reads, then what only those nodes read, and so on."""
+    producer = {name: index for index, node in enumerate(model.graph.node) for name in node.output if name}
+    dead: set[int] = set()
+    pending = [name for name in released if uses.get(name, 0) <= 0]
+    dropped: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in dropped or uses.get(name, 0) > 0:
+            continue
+        dropped.add(name)
+        index = producer.get(name)
+        if index is None or index in dead:
+            continue
+        node = model.graph.node[index]
+        if any(uses.get(out, 0) > 0 for out in node.output if out) or subgraph_reads(node):
+            continue
+        dead.add(index)
+        for source in node.input:
+            if source:
+                uses[source] = uses.get(source, 1) - 1
+                pending.append(source)
+    gone = {name for name in dropped if name in initializers and uses.get(name, 0) <= 0}
+    if dead:
+        kept_nodes = [node for index, node in enumerate(model.graph.node) if index not in dead]
+        del model.graph.node[:]
+        model.graph.node.extend(kept_nodes)
+    if gone:
+        kept = [init for init in model.graph.initializer if init.name not in gone]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        inputs = [value for value in model.graph.input if value.name not in gone]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
 
 
 def _exact(model, nodes, stored, dataset, levels, *, batch_size, executor, shards, threads, progress):
@@ -506,7 +538,7 @@ def recalibrate_file(input_path: str | os.PathLike, output_path: str | os.PathLi
     `bnfold.conversion.convert` (OUT is then written only if verification passes). ``options``
     are those of `recalibrate`. Returns the `Recalibration` and the `ConvertResult` (or None).
     """
-    from bnfold.io import check_output_path, load_model, save_model, write_json
+    from bnfold.io import check_output_path, save_model, write_json
 
     source, out = Path(input_path), Path(output_path)
     data_paths = [Path(item) for item in (data if isinstance(data, (list, tuple)) else [data])
@@ -516,7 +548,7 @@ def recalibrate_file(input_path: str | os.PathLike, output_path: str | os.PathLi
         if Path(json_path).resolve() in (out.resolve(), source.resolve()):
             raise BnfoldError(f"{json_path}: the JSON report path equals the input or the output model")
         check_output_path(json_path, overwrite=True, inputs=(source, *data_paths))
-    result = recalibrate(load_model(source), data, **options)
+    result = recalibrate(source, data, **options)
     converted = None
     if fold:
         from bnfold.conversion import convert

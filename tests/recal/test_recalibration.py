@@ -138,6 +138,8 @@ def test_statistics_computed_by_nodes_are_replaced(rk):
     np.testing.assert_array_equal(result.changes[0].old_mean, numpy_helper.to_array(mean))
     assert next(n for n in result.model.graph.node if n.name == "bn1").input[3] in {
         i.name for i in result.model.graph.initializer}
+    # The Constant -> Identity chain fed nothing else: it goes with the statistics it computed.
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in rk.mlp(np.random.default_rng(4)).graph.node]
     _assert_exact(result, rk.population64(rk.mlp(np.random.default_rng(4)), x))
 
 
