@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 
-import numpy as np
 import onnx
 
 from bnfold.dataset import ArraySpec, DataLike, Dataset, open_dataset

@@ -34,24 +34,29 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from bnfold.batch_statistics import batch_statistics_model, shard_batch_averages
 from bnfold.dataset import DataLike, Dataset, open_dataset
 from bnfold.errors import BnfoldError
-from bnfold.moments import BatchAverage
-from bnfold.population import (Progress, batchnorm_indices, input_specs, model_of, run_shards, submodel,
-                               subgraph_reads)
+from bnfold.population import (
+    batchnorm_indices,
+    input_specs,
+    run_shards,
+    subgraph_reads,
+    submodel,
+)
 from bnfold.runtime import ModelLike, load, run, session
+from bnfold.statistics_graph import stored_statistics, with_statistics
 
-__all__ = ["recalibrate", "recalibrate_file", "Recalibration", "BNChange", "METHODS", "bn_levels", "drift", "with_statistics"]
+__all__ = ["recalibrate", "recalibrate_file", "Recalibration", "BNChange", "METHODS", "bn_levels", "drift"]
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +119,19 @@ class Recalibration:
     labels: str | None = None
     accuracy_before: float | None = None
     accuracy_after: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "samples": self.samples, "batch_size": self.batch_size,
                 "batches": self.batches, "levels": self.levels, "bn_total": len(self.changes),
                 "labels": self.labels, "accuracy_before": self.accuracy_before,
-                "accuracy_after": self.accuracy_after, "bns": [change.to_dict() for change in self.changes],
-                **self.extra}
+                "accuracy_after": self.accuracy_after, "bns": [change.to_dict() for change in self.changes]}
 
     def lines(self) -> list[str]:
         """The human-readable report ``bnfold recalibrate`` prints."""
         how = f"{self.levels} level{'s' if self.levels != 1 else ''} x " if self.method == "exact" else ""
-        lines = [f"recalibrated {len(self.changes)} BatchNormalization node{'s' if len(self.changes) != 1 else ''}"
-                 f" over {self.samples} samples ({self.method}: {how}{self.batches} batch{'es' if self.batches != 1 else ''}"
-                 f" of {self.batch_size})",
+        nodes = f"{len(self.changes)} BatchNormalization node{'s' if len(self.changes) != 1 else ''}"
+        batches = f"{self.batches} batch{'es' if self.batches != 1 else ''} of {self.batch_size}"
+        lines = [f"recalibrated {nodes} over {self.samples} samples ({self.method}: {how}{batches})",
                  "how far the old statistics were: mean shift in data std, variance ratio (max over channels)"]
         width = max(len(change.name) for change in self.changes)
         for change in self.changes:
@@ -177,122 +180,6 @@ def bn_levels(model: onnx.ModelProto) -> list[int]:
     return levels
 
 
-def _stored_statistics(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The mean and var each BN uses now, in their own dtype: initializers, or one run for the rest."""
-    initializers = {init.name: init for init in model.graph.initializer}
-    wanted = [name for node in nodes for name in node.input[3:5]]
-    computed = [name for name in dict.fromkeys(wanted) if name not in initializers]
-    values = {name: numpy_helper.to_array(initializers[name]) for name in wanted if name in initializers}
-    if computed:
-        cut = submodel(model, computed)
-        if input_specs(cut):
-            raise BnfoldError(f"BatchNormalization statistics '{computed[0]}' depend on the model's inputs;"
-                              " bnfold recalibrates constant statistics only")
-        values.update(zip(computed, run(session(cut, "model"), computed, {}, "model")))
-    return [(np.asarray(values[node.input[3]]), np.asarray(values[node.input[4]])) for node in nodes]
-
-
-def _all_names(model: onnx.ModelProto) -> set[str]:
-    names = {init.name for init in model.graph.initializer} | {v.name for v in model.graph.input}
-    for node in model.graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        names |= subgraph_reads(node)
-    return names
-
-
-def _uses(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in [*node.input, *subgraph_reads(node)]:
-            counts[name] = counts.get(name, 0) + 1
-    for value in model.graph.output:
-        counts[value.name] = counts.get(value.name, 0) + 1
-    return counts
-
-
-def with_statistics(model: onnx.ModelProto, stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                    stored: Mapping[str, tuple[np.ndarray, np.ndarray]], *, copy: bool = True) -> onnx.ModelProto:
-    """``model`` (a copy, or itself with ``copy=False``) whose BN with output ``y`` reads
-    ``stats[y]`` = (mean, var); BNs not in ``stats`` are left alone.
-
-    Rules (module docstring): an initializer read only by this BN input is rewritten in place;
-    otherwise a fresh initializer is added and the BN input re-pointed; initializers nobody
-    reads any more are removed. Values are cast to the dtype and shape of ``stored[y]``, the
-    statistics they replace.
-    """
-    if copy:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-    else:
-        out = model
-    uses = _uses(out)
-    names = _all_names(out)
-    initializers = {init.name: init for init in out.graph.initializer}
-    released: set[str] = set()
-    for node in out.graph.node:
-        key = node.output[0] if node.op_type == "BatchNormalization" and node.output else None
-        if key not in stats:
-            continue
-        for slot, value, old in zip((3, 4), stats[key], stored[key]):
-            old_name = node.input[slot]
-            array = np.asarray(value, dtype=np.float64).astype(old.dtype).reshape(old.shape)
-            if old_name in initializers and uses.get(old_name, 0) == 1:
-                initializers[old_name].CopyFrom(numpy_helper.from_array(array, old_name))
-                continue
-            fresh = f"{old_name}.recalibrated"
-            suffix = 1
-            while fresh in names:
-                suffix += 1
-                fresh = f"{old_name}.recalibrated.{suffix}"
-            names.add(fresh)
-            out.graph.initializer.append(numpy_helper.from_array(array, fresh))
-            node.input[slot] = fresh
-            uses[old_name] = uses.get(old_name, 1) - 1
-            released.add(old_name)
-    _drop_released(out, released, uses, initializers)
-    return out
-
-
-def _drop_released(model: onnx.ModelProto, released: set[str], uses: dict[str, int],
-                   initializers: Mapping[str, onnx.TensorProto]) -> None:
-    """Remove what only fed the replaced statistics: initializers nobody reads any more, and nodes
-    (PyTorch's exporter writes deduplicated statistics as ``Identity`` of a shared tensor) whose
-    outputs nobody reads, then what only those nodes read, and so on."""
-    producer = {name: index for index, node in enumerate(model.graph.node) for name in node.output if name}
-    dead: set[int] = set()
-    pending = [name for name in released if uses.get(name, 0) <= 0]
-    dropped: set[str] = set()
-    while pending:
-        name = pending.pop()
-        if name in dropped or uses.get(name, 0) > 0:
-            continue
-        dropped.add(name)
-        index = producer.get(name)
-        if index is None or index in dead:
-            continue
-        node = model.graph.node[index]
-        if any(uses.get(out, 0) > 0 for out in node.output if out) or subgraph_reads(node):
-            continue
-        dead.add(index)
-        for source in node.input:
-            if source:
-                uses[source] = uses.get(source, 1) - 1
-                pending.append(source)
-    gone = {name for name in dropped if name in initializers and uses.get(name, 0) <= 0}
-    if dead:
-        kept_nodes = [node for index, node in enumerate(model.graph.node) if index not in dead]
-        del model.graph.node[:]
-        model.graph.node.extend(kept_nodes)
-    if gone:
-        kept = [init for init in model.graph.initializer if init.name not in gone]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-        inputs = [value for value in model.graph.input if value.name not in gone]
-        del model.graph.input[:]
-        model.graph.input.extend(inputs)
-
-
 def _exact(model, nodes, stored, dataset, levels, *, batch_size, executor, shards, threads, progress):
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN output name -> new (mean, var)
     previous = {node.output[0]: values for node, values in zip(nodes, stored)}
@@ -311,119 +198,6 @@ def _exact(model, nodes, stored, dataset, levels, *, batch_size, executor, shard
             stats[nodes[position].output[0]] = (found.mean, found.var)
         log.info("level %d: %d BatchNormalization nodes recalibrated", level, len(members))
     return [stats[node.output[0]] for node in nodes]
-
-
-def _reduce(op: str, source: str, target: str, axes: list[int], opset: int, nodes: list, extra: list) -> None:
-    """``op`` (ReduceMean, ReduceSumSquare) over ``axes``, keepdims: axes an input from opset 18 on."""
-    if opset >= 18:
-        axes_name = f"{target}.axes"
-        extra.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
-        nodes.append(onnx.helper.make_node(op, [source, axes_name], [target], keepdims=1))
-    else:
-        nodes.append(onnx.helper.make_node(op, [source], [target], axes=axes, keepdims=1))
-
-
-def batch_statistics_model(model: onnx.ModelProto, epsilons: Sequence[float]) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
-    """A copy of ``model`` where every BN normalizes with its batch's statistics (training mode)
-    and outputs them: ``(mean, biased var, shape of X reshaped to (N, C, -1))`` names per BN.
-
-    Each BN becomes (the ONNX BatchNormalization training-mode equations, with per-channel
-    factors computed on (1, C, 1) tensors so that only five operations touch the whole batch)::
-
-        Xr = Reshape(X, [0, 0, -1])            m = ReduceMean(Xr, [0, 2])       d = Xr - m
-        v = ReduceSumSquare(d, [0, 2]) / (N * D)      k = scale / Sqrt(v + eps)
-        Y = Reshape(d * k + B, Shape(X))
-    """
-    helper = onnx.helper
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 15)
-    names = _all_names(model)
-    counter = [0]
-
-    def fresh(hint: str) -> str:
-        while True:
-            counter[0] += 1
-            name = f"bnfold.batch.{hint}.{counter[0]}"
-            if name not in names:
-                names.add(name)
-                return name
-
-    extra: list[onnx.TensorProto] = []
-    constants = {"flat": [0, 0, -1], "column": [1, -1, 1], "vector": [-1], "reduced": [0, 2]}
-    const = {key: fresh(key) for key in constants}
-    extra += [numpy_helper.from_array(np.array(value, np.int64), const[key]) for key, value in constants.items()]
-    positions = {index: position for position, index in enumerate(batchnorm_indices(model))}
-    new_nodes: list[onnx.NodeProto] = []
-    outputs: list[tuple[str, str, str]] = []
-    for index, node in enumerate(out.graph.node):
-        position = positions.get(index)
-        if position is None:
-            new_nodes.append(node)
-            continue
-        x, scale, bias = node.input[0], node.input[1], node.input[2]
-        t = {h: fresh(h) for h in ("xr", "mean", "d", "sumsq", "shape", "dims", "count", "count_f", "var", "eps",
-                                   "var_eps", "std", "scale", "bias", "factor", "scaled", "y", "shape_x",
-                                   "mean_out", "var_out")}
-        extra.append(numpy_helper.from_array(np.array(epsilons[position], np.float32), t["eps"]))
-        eps_typed, count_typed = t["eps"], t["count_f"]
-        new_nodes += [helper.make_node("Reshape", [x, const["flat"]], [t["xr"]]),
-                      helper.make_node("Shape", [t["xr"]], [t["shape"]])]
-        _reduce("ReduceMean", t["xr"], t["mean"], [0, 2], opset, new_nodes, extra)
-        new_nodes.append(helper.make_node("Sub", [t["xr"], t["mean"]], [t["d"]]))
-        _reduce("ReduceSumSquare", t["d"], t["sumsq"], [0, 2], opset, new_nodes, extra)
-        new_nodes += [
-            helper.make_node("Gather", [t["shape"], const["reduced"]], [t["dims"]]),
-            helper.make_node("ReduceProd", [t["dims"]], [t["count"]], keepdims=0),
-        ]
-        if opset >= 15:  # CastLike: the dtype of X, whatever it is
-            eps_typed = fresh("eps_typed")
-            new_nodes += [helper.make_node("CastLike", [t["eps"], x], [eps_typed]),
-                          helper.make_node("CastLike", [t["count"], x], [count_typed])]
-        else:
-            new_nodes.append(helper.make_node("Cast", [t["count"]], [count_typed], to=onnx.TensorProto.FLOAT))
-        new_nodes += [
-            helper.make_node("Div", [t["sumsq"], count_typed], [t["var"]]),
-            helper.make_node("Add", [t["var"], eps_typed], [t["var_eps"]]),
-            helper.make_node("Sqrt", [t["var_eps"]], [t["std"]]),
-            helper.make_node("Reshape", [scale, const["column"]], [t["scale"]]),
-            helper.make_node("Reshape", [bias, const["column"]], [t["bias"]]),
-            helper.make_node("Div", [t["scale"], t["std"]], [t["factor"]]),
-            helper.make_node("Mul", [t["d"], t["factor"]], [t["scaled"]]),
-            helper.make_node("Add", [t["scaled"], t["bias"]], [t["y"]]),
-            helper.make_node("Shape", [x], [t["shape_x"]]),
-            helper.make_node("Reshape", [t["y"], t["shape_x"]], [node.output[0]]),
-            helper.make_node("Reshape", [t["mean"], const["vector"]], [t["mean_out"]]),
-            helper.make_node("Reshape", [t["var"], const["vector"]], [t["var_out"]]),
-        ]
-        outputs.append((t["mean_out"], t["var_out"], t["shape"]))
-    del out.graph.node[:]
-    out.graph.node.extend(new_nodes)
-    out.graph.initializer.extend(extra)
-    return out, outputs
-
-
-def shard_batch_averages(model_bytes: bytes | onnx.ModelProto, shard: Dataset, names: Sequence[str], batch_size: int,
-                         threads: int = 1, progress: Progress | None = None) -> list[BatchAverage]:
-    """Per BN, the sums of batch means and unbiased batch variances over ``shard`` (pure, like
-    `bnfold.population.shard_moments`); ``names`` are (mean, var, shape) triples, flattened."""
-    sess = session(model_of(model_bytes), "model", threads)
-    names = list(names)
-    totals: list[BatchAverage | None] = [None] * (len(names) // 3)
-    for lo, hi in shard.bounds(batch_size):
-        values = run(sess, names, shard.batch(lo, hi), "model")
-        for position in range(len(totals)):
-            mean, var, shape = values[3 * position: 3 * position + 3]
-            count = int(shape[0]) * int(shape[2])
-            if count < 2:
-                raise BnfoldError(f"--method batch: a batch of {hi - lo} gives {count} value per channel at"
-                                  f" '{names[3 * position]}'; an unbiased batch variance needs 2: use a larger"
-                                  " batch size (or --method exact)")
-            piece = BatchAverage.from_stats(mean, var, count)
-            totals[position] = piece if totals[position] is None else totals[position].merge(piece)
-        if progress is not None:
-            progress(1)
-    return totals
 
 
 def _batch(model, nodes, epsilons, dataset, *, batch_size, executor, shards, threads, progress):
@@ -503,7 +277,7 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 15)
     epsilons = [_check_node(node, position, opset) for position, node in enumerate(nodes)]
     dataset = open_dataset(data, input_specs(model, label), labels=labels)
-    stored = _stored_statistics(model, nodes)
+    stored = stored_statistics(model, nodes)
     levels = bn_levels(model)
     batches = len(dataset.bounds(batch_size))
     total = batches * (max(levels) + 1 if method == "exact" else 1)

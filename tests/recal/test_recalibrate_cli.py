@@ -118,7 +118,7 @@ def test_bad_data_is_a_one_line_error_and_nothing_is_written(capsys, tmp_path, f
     data = tmp_path / "d.npz"
     np.savez(data, **arrays)
     out = tmp_path / "out.onnx"
-    code, stdout, stderr = bnfold(capsys, "recalibrate", model, "--data", data, "-o", out, *extra)
+    code, _, stderr = bnfold(capsys, "recalibrate", model, "--data", data, "-o", out, *extra)
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("bnfold: error: ")
     assert re.search(message, stderr), stderr

@@ -63,7 +63,7 @@ def _torch_population_statistics(model: nn.Module, x: np.ndarray) -> dict[str, t
     inputs = torch.from_numpy(x.astype(np.float64))
     for name, module in _bn_modules(model).items():
         seen = []
-        handle = module.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+        handle = module.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(args[0].detach()))
         with torch.no_grad():
             model(inputs)
         handle.remove()

@@ -242,6 +242,6 @@ def test_progress_counts_levels_times_batches(rk, pool, method, passes):
     x = rk.data(model, 45, rng)
     for executor in (None, pool):
         events = []
-        recalibrate(model, x, method=method, batch_size=10, executor=executor, progress=lambda n, t: events.append((n, t)))
+        recalibrate(model, x, method=method, batch_size=10, executor=executor, progress=lambda n, t, events=events: events.append((n, t)))
         assert {total for _, total in events} == {passes * 5}  # 5 batches: 10, 10, 10, 10, 5
         assert sum(n for n, _ in events) == passes * 5
