@@ -121,17 +121,20 @@ def shard_batch_averages(model_bytes: bytes | onnx.ModelProto, shard: Dataset, n
     sess = session(model_of(model_bytes), "model", threads)
     names = list(names)
     totals: list[BatchAverage | None] = [None] * (len(names) // 3)
-    for lo, hi in shard.bounds(batch_size):
-        values = run(sess, names, shard.batch(lo, hi), "model")
-        for position in range(len(totals)):
-            mean, var, shape = values[3 * position: 3 * position + 3]
-            count = int(shape[0]) * int(shape[2])
-            if count < 2:
-                raise BnfoldError(f"--method batch: a batch of {hi - lo} gives {count} value per channel at"
-                                  f" '{names[3 * position]}'; an unbiased batch variance needs 2: use a larger"
-                                  " batch size (or --method exact)")
-            piece = BatchAverage.from_stats(mean, var, count)
-            totals[position] = piece if totals[position] is None else totals[position].merge(piece)
-        if progress is not None:
-            progress(1)
+    try:
+        for lo, hi in shard.bounds(batch_size):
+            values = run(sess, names, shard.batch(lo, hi), "model")
+            for position in range(len(totals)):
+                mean, var, shape = values[3 * position: 3 * position + 3]
+                count = int(shape[0]) * int(shape[2])
+                if count < 2:
+                    raise BnfoldError(f"--method batch: a batch of {hi - lo} gives {count} value per channel at"
+                                      f" '{names[3 * position]}'; an unbiased batch variance needs 2: use a larger"
+                                      " batch size (or --method exact)")
+                piece = BatchAverage.from_stats(mean, var, count)
+                totals[position] = piece if totals[position] is None else totals[position].merge(piece)
+            if progress is not None:
+                progress(1)
+    finally:
+        shard.close()
     return totals

@@ -213,12 +213,15 @@ def accuracy(model: onnx.ModelProto, dataset: Dataset, batch_size: int, threads:
     output = model.graph.output[0].name
     sess = session(submodel(model, [output]), "model", threads)
     correct = 0
-    for lo, hi in dataset.bounds(batch_size):
-        (scores,) = run(sess, [output], dataset.batch(lo, hi), "model")
-        if scores.ndim < 2 or any(dim != 1 for dim in scores.shape[2:]):
-            raise BnfoldError(f"--labels: the first output '{output}' has shape {scores.shape}; expected (N, classes)")
-        predicted = scores.reshape(scores.shape[0], scores.shape[1]).argmax(axis=1)
-        correct += int((predicted == dataset.labels(lo, hi)).sum())
+    try:
+        for lo, hi in dataset.bounds(batch_size):
+            (scores,) = run(sess, [output], dataset.batch(lo, hi), "model")
+            if scores.ndim < 2 or any(dim != 1 for dim in scores.shape[2:]):
+                raise BnfoldError(f"--labels: the first output '{output}' has shape {scores.shape}; expected (N, classes)")
+            predicted = scores.reshape(scores.shape[0], scores.shape[1]).argmax(axis=1)
+            correct += int((predicted == dataset.labels(lo, hi)).sum())
+    finally:
+        dataset.close()
     return correct / len(dataset)
 
 
