@@ -346,7 +346,8 @@ def _match(label: str, arrays: dict[str, _Array], specs: Sequence[ArraySpec], la
             matched[spec.name] = arrays[keys[0]]  # a single array for a single input
         else:
             available = ", ".join(repr(k) for k in arrays) or "none"
-            raise BnfoldError(f"{label}: no array for model input '{spec.name}' (arrays: {available})")
+            raise BnfoldError(f"{label}: no array for model input '{spec.name}' (arrays: {available});"
+                              f" save the samples under the input's name: np.savez(path, **{{{spec.name!r}: x}})")
     if labels is not None:
         if labels not in arrays:
             available = ", ".join(repr(k) for k in arrays) or "none"
@@ -368,7 +369,8 @@ def _match(label: str, arrays: dict[str, _Array], specs: Sequence[ArraySpec], la
 
 
 def _check_spec(array: _Array, spec: ArraySpec) -> None:
-    expected = tuple(d if isinstance(d, int) else "?" for d in spec.dims)
+    # The sample axis is free whatever the model declares (`bnfold.population.submodel` frees it).
+    expected = "(" + ", ".join(["N", *(str(d) if isinstance(d, int) else "?" for d in spec.dims[1:])]) + ")"
     if len(array.shape) != len(spec.dims) or any(
         isinstance(want, int) and want != got for want, got in zip(spec.dims[1:], array.shape[1:])
     ):

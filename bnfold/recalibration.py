@@ -316,10 +316,14 @@ def recalibrate_file(input_path: str | os.PathLike, output_path: str | os.PathLi
     are those of `recalibrate`. Returns the `Recalibration` and the `ConvertResult` (or None).
     """
     from bnfold.io import check_output_path, save_model, write_json
+    from bnfold.io.files import same_file
 
     source, out = Path(input_path), Path(output_path)
     data_paths = [Path(item) for item in (data if isinstance(data, (list, tuple)) else [data])
                   if isinstance(item, (str, os.PathLike))]
+    for other in (source, *data_paths):
+        if same_file(out, other):  # checked here: check_output_path's advice (--in-place) is convert's
+            raise BnfoldError(f"{out}: output is the same file as the input {other}; choose another -o")
     check_output_path(out, overwrite=force, inputs=(source, *data_paths))
     if json_path is not None:
         if Path(json_path).resolve() in (out.resolve(), source.resolve()):

@@ -75,6 +75,19 @@ def test_writes_out_reports_and_leaves_in_alone(capsys, tmp_path, files):
     assert code == 2 and stderr.startswith("bnfold: error: ") and "--force" in stderr
 
 
+@pytest.mark.parametrize("target", ["model", "data"])
+def test_never_writes_over_its_inputs(capsys, tmp_path, files, target):
+    model, train = files
+    copy = tmp_path / "model.onnx"
+    copy.write_bytes(model.read_bytes())
+    out = copy if target == "model" else train
+    before = out.read_bytes()
+    code, _, stderr = bnfold(capsys, "recalibrate", copy, "--data", train, "-o", out, "--force")
+    assert code == 2
+    assert stderr.strip() == f"bnfold: error: {out}: output is the same file as the input {out}; choose another -o"
+    assert out.read_bytes() == before
+
+
 def test_workers_and_batch_sizes_give_the_same_statistics(capsys, tmp_path, files):
     model, train = files
     results = []

@@ -245,3 +245,14 @@ def test_progress_counts_levels_times_batches(rk, pool, method, passes):
         recalibrate(model, x, method=method, batch_size=10, executor=executor, progress=lambda n, t, events=events: events.append((n, t)))
         assert {total for _, total in events} == {passes * 5}  # 5 batches: 10, 10, 10, 10, 5
         assert sum(n for n, _ in events) == passes * 5
+
+
+def test_model_exported_with_a_fixed_batch_runs_with_any_batch_size(rk):
+    """PyTorch's exporter without dynamic_axes fixes the batch axis to the dummy input's (often 1)."""
+    rng = np.random.default_rng(12)
+    model = rk.cnn(rng)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    x = rk.data(model, 30, rng)
+    result = recalibrate(model, x, batch_size=8, method="exact")
+    _assert_exact(result, rk.population64(model, x))
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # OUT declares what IN did
