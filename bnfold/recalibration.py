@@ -20,10 +20,8 @@ Two methods:
     channel.
 
 The output is the same graph: every BatchNormalization node is kept with its name, and its
-inputs 3 and 4 (mean, var) get the new values. An initializer read by that BN alone is
-rewritten in place; otherwise (shared with another node, computed by nodes, a graph output) a new
-initializer is added for this BN, so nothing else in the model changes. Values keep the dtype
-of the statistics they replace.
+inputs 3 and 4 (mean, var) get the new values, without changing anything else the model computes
+(rules in `bnfold.statistics_graph`). Values keep the dtype of the statistics they replace.
 
 Only BNs of the main graph are recalibrated (not inside If / Loop / Scan bodies); BNs in training
 mode are refused (they do not use their stored statistics).
@@ -192,19 +190,25 @@ def _exact(model, nodes, stored, dataset, levels, *, batch_size, executor, shard
                                              shards=shards, threads=threads, progress=progress)))
         for position in members:
             found = moments[nodes[position].input[0]]
-            if found.channels != stored[position][0].size:
-                raise BnfoldError(f"BatchNormalization '{_label(nodes[position], position)}': its input has"
-                                  f" {found.channels} channels but {stored[position][0].size} statistics")
+            _check_channels(nodes[position], position, found.channels, stored[position][0].size)
             stats[nodes[position].output[0]] = (found.mean, found.var)
         log.info("level %d: %d BatchNormalization nodes recalibrated", level, len(members))
     return [stats[node.output[0]] for node in nodes]
 
 
-def _batch(model, nodes, epsilons, dataset, *, batch_size, executor, shards, threads, progress):
+def _check_channels(node: onnx.NodeProto, position: int, measured: int, stored: int) -> None:
+    if measured != stored:
+        raise BnfoldError(f"BatchNormalization '{_label(node, position)}': its input has {measured} channels"
+                          f" but {stored} statistics")
+
+
+def _batch(model, nodes, stored, epsilons, dataset, *, batch_size, executor, shards, threads, progress):
     rewritten, triples = batch_statistics_model(model, epsilons)
     names = [name for triple in triples for name in triple]
     averages = run_shards(submodel(rewritten, names), dataset, names, batch_size=batch_size, executor=executor,
                           shards=shards, threads=threads, progress=progress, work=shard_batch_averages)
+    for position, (node, average) in enumerate(zip(nodes, averages)):
+        _check_channels(node, position, average.mean.size, stored[position][0].size)
     return [(average.mean, average.var) for average in averages]
 
 
@@ -247,7 +251,8 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
         each task gets the model bytes and a shard of the data (file paths and row ranges, or the
         rows of in-memory arrays), so workers must see the same files.
     shards : int, optional
-        Shards per pass with ``executor`` (default: 4 per worker).
+        Shards per pass with ``executor`` (default: 4 per worker of a process or thread pool,
+        32 for other executors). Shards are whole batches.
     threads : int
         onnxruntime threads per session.
     labels : str, optional
@@ -290,7 +295,7 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
     if method == "exact":
         stats = _exact(model, nodes, stored, dataset, levels, **options)
     else:
-        stats = _batch(model, nodes, epsilons, dataset, **options)
+        stats = _batch(model, nodes, stored, epsilons, dataset, **options)
     new_model = with_statistics(model, {node.output[0]: values for node, values in zip(nodes, stats)},
                                 {node.output[0]: values for node, values in zip(nodes, stored)})
     changes = [BNChange(_label(node, position), node.input[0], levels[position],

@@ -216,6 +216,16 @@ def test_models_that_cannot_be_recalibrated(rk, mutate, message):
         recalibrate(model, np.zeros((4, 6), np.float32))
 
 
+@pytest.mark.parametrize("method", ["exact", "batch"])
+def test_statistics_of_the_wrong_length_are_refused(rk, method):
+    """Neither pass runs the BN whose statistics are wrong, so onnxruntime would not notice."""
+    model = rk.mlp(np.random.default_rng(0))
+    index = next(i for i, init in enumerate(model.graph.initializer) if init.name == "bn2.mean")
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.zeros(3, np.float32), "bn2.mean"))
+    with pytest.raises(BnfoldError, match="'bn2': its input has 4 channels but 3 statistics"):
+        recalibrate(model, rk.data(model, 10, np.random.default_rng(0)), method=method)
+
+
 def test_bad_options():
     with pytest.raises(BnfoldError, match="method must be one of exact, batch"):
         recalibrate("unused.onnx", [], method="ema")
