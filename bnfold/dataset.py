@@ -78,7 +78,7 @@ class _Array:
         if isinstance(self._cache, tuple):
             for item in reversed(self._cache):
                 item.close()
-        self._cache = None
+            self._cache = None
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         if self.memory is not None:
