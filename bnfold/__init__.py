@@ -2,7 +2,8 @@
 
 The public functions live in modules named differently from them (``bnfold.fold`` is the function
 of `bnfold.folding`, ``bnfold.verify`` that of `bnfold.verification`, ``bnfold.inspect`` that of
-`bnfold.diagnosis`), so importing a submodule never replaces a public name: every name below works after ``import bnfold`` in any order, any
+`bnfold.diagnosis`, ``bnfold.recalibrate`` that of `bnfold.recalibration`), so importing a submodule
+never replaces a public name: every name below works after ``import bnfold`` in any order, any
 number of times. They are resolved on first use, so that ``import bnfold`` stays light (no onnx,
 no onnxruntime); the ``TYPE_CHECKING`` imports let type checkers and IDEs see them.
 """
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from bnfold.export import export_onnx
     from bnfold.folding import fold
     from bnfold.nn.batchnorm import BatchNorm
+    from bnfold.recalibration import recalibrate
     from bnfold.verification import verify
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ __all__ = [
     "verify",
     "convert",
     "inspect",
+    "recalibrate",
     "__version__",
 ]
 
@@ -47,6 +50,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "verify": ("bnfold.verification", "verify"),
     "convert": ("bnfold.conversion", "convert"),
     "inspect": ("bnfold.diagnosis", "inspect"),
+    "recalibrate": ("bnfold.recalibration", "recalibrate"),
 }
 
 

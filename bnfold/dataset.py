@@ -73,6 +73,13 @@ class _Array:
         state["_cache"] = None  # memory maps and open archives stay in the process that opened them
         return state
 
+    def close(self) -> None:
+        """Close a compressed member's stream (memory maps close with their last reference)."""
+        if isinstance(self._cache, tuple):
+            for item in reversed(self._cache):
+                item.close()
+            self._cache = None
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         if self.memory is not None:
             return self.memory[start:stop]
@@ -94,13 +101,12 @@ class _Array:
                 self._cache = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
             return np.array(self._cache[start:stop])
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        handle = self._cache
         position = self.header + start * row_bytes
-        if handle is None or handle.tell() > position:  # a new pass: reopen rather than seek back
-            if handle is not None:
-                handle.close()
+        if self._cache is None or self._cache[1].tell() > position:  # a new pass: reopen, not seek back
+            self.close()
             archive = zipfile.ZipFile(self.path)
-            handle = self._cache = archive.open(self.member)
+            self._cache = (archive, archive.open(self.member))
+        handle = self._cache[1]
         handle.seek(position)
         count = (stop - start) * row_bytes
         buffer = handle.read(count)
@@ -304,9 +310,18 @@ class Dataset:
         return [(lo, min(lo + batch_size, len(self))) for lo in range(0, len(self), batch_size)]
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Model feeds, ``batch_size`` rows at a time, in order."""
-        for lo, hi in self.bounds(batch_size):
-            yield self.batch(lo, hi)
+        """Model feeds, ``batch_size`` rows at a time, in order; open streams closed at the end."""
+        try:
+            for lo, hi in self.bounds(batch_size):
+                yield self.batch(lo, hi)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the streams of compressed members (reopened if read again)."""
+        for source in self._sources:
+            for array in source.arrays.values():
+                array.close()
 
     def shards(self, count: int, batch_size: int) -> list[Dataset]:
         """At most ``count`` contiguous shards, each a whole number of batches (the last may be short).
@@ -331,7 +346,8 @@ def _match(label: str, arrays: dict[str, _Array], specs: Sequence[ArraySpec], la
             matched[spec.name] = arrays[keys[0]]  # a single array for a single input
         else:
             available = ", ".join(repr(k) for k in arrays) or "none"
-            raise BnfoldError(f"{label}: no array for model input '{spec.name}' (arrays: {available})")
+            raise BnfoldError(f"{label}: no array for model input '{spec.name}' (arrays: {available});"
+                              f" save the samples under the input's name: np.savez(path, **{{{spec.name!r}: x}})")
     if labels is not None:
         if labels not in arrays:
             available = ", ".join(repr(k) for k in arrays) or "none"
@@ -353,7 +369,8 @@ def _match(label: str, arrays: dict[str, _Array], specs: Sequence[ArraySpec], la
 
 
 def _check_spec(array: _Array, spec: ArraySpec) -> None:
-    expected = tuple(d if isinstance(d, int) else "?" for d in spec.dims)
+    # The sample axis is free whatever the model declares (`bnfold.population.submodel` frees it).
+    expected = "(" + ", ".join(["N", *(str(d) if isinstance(d, int) else "?" for d in spec.dims[1:])]) + ")"
     if len(array.shape) != len(spec.dims) or any(
         isinstance(want, int) and want != got for want, got in zip(spec.dims[1:], array.shape[1:])
     ):

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Moments", "BatchAverage", "merge_all"]
+__all__ = ["Moments", "BatchAverage", "merge_all", "drift"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +185,35 @@ class BatchAverage:
 
     def __add__(self, other: BatchAverage) -> BatchAverage:
         return self.merge(other)
+
+
+def drift(moving_mean, moving_var, data_mean, data_var, eps: float) -> dict[str, object]:
+    """How far stored statistics are from the data's, per channel, as lists, and the worst channels.
+
+    With ``m``, ``v`` the stored (moving) mean and variance, ``mu``, ``d`` the data's population
+    mean and variance and ``eps`` the BN's epsilon: mean shift ``|m - mu| / sqrt(d + eps)`` (data
+    standard deviations: what the BN divides by) and variance ratio ``(v + eps) / (d + eps)``
+    (above 1 too large, below 1 too small; the worst channel is the one furthest from 1 on a log
+    scale). Statistics equal to the data's give 0 and 1. `bnfold inspect` (``stale``) and
+    `bnfold recalibrate` (its report) both use this one definition.
+    """
+    moving_mean = np.asarray(moving_mean, dtype=np.float64)
+    moving_var = np.asarray(moving_var, dtype=np.float64) + eps
+    data_mean = np.asarray(data_mean, dtype=np.float64)
+    data_var = np.asarray(data_var, dtype=np.float64) + eps
+    # eps = 0 (flagged invalid) on a constant channel divides by zero: inf, reported as such.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.abs(moving_mean - data_mean) / np.sqrt(data_var)
+        ratio = moving_var / data_var
+        # The worst variance channel is the one furthest from 1 on a log scale (2 and 0.5 alike).
+        worst = int(np.nanargmax(np.abs(np.log(ratio)))) if not np.all(np.isnan(ratio)) else 0
+    return {
+        "mean_shift": shift.tolist(),
+        "var_ratio": ratio.tolist(),
+        "max_mean_shift": float(shift.max()),
+        "worst_var_ratio": float(ratio[worst]),
+        "channel_mean_shift": int(np.argmax(shift)),
+        "channel_var_ratio": worst,
+        "data_mean": data_mean.tolist(),
+        "data_var": (data_var - eps).tolist(),
+    }

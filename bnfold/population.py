@@ -30,7 +30,7 @@ from bnfold.runtime import ModelLike, feed_inputs, load, run, session
 
 __all__ = [
     "bn_input_moments", "batchnorm_nodes", "batchnorm_indices", "subgraph_reads", "input_specs", "submodel", "shard_moments", "run_shards",
-    "Progress",
+    "Progress", "model_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,22 +90,21 @@ def submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
         node = graph.node[index]
         wanted.extend(n for n in node.input if n)
         wanted.extend(subgraph_reads(node))
+    # Built field by field: copying the whole model first would copy every weight once per pass.
     cut = onnx.ModelProto()
-    cut.CopyFrom(model)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(cut, field, getattr(model, field))
+    cut.opset_import.extend(model.opset_import)
+    cut.functions.extend(model.functions)
     new = cut.graph
-    kept = [node for index, node in enumerate(graph.node) if index in needed_nodes]
-    del new.node[:]
-    new.node.extend(kept)
+    new.name = graph.name
+    new.node.extend(node for index, node in enumerate(graph.node) if index in needed_nodes)
     used = seen
     initializers = [init for init in graph.initializer if init.name in used]
-    del new.initializer[:]
     new.initializer.extend(initializers)
     sparse = [init for init in graph.sparse_initializer if init.values.name in used]
-    del new.sparse_initializer[:]
     new.sparse_initializer.extend(sparse)
-    inputs = [value for value in graph.input if value.name in used]
-    del new.input[:]
-    new.input.extend(inputs)
+    new.input.extend(value for value in graph.input if value.name in used)
     constant = {init.name for init in initializers} | {init.values.name for init in sparse}
     for value in new.input:
         if value.name not in constant and value.type.tensor_type.shape.dim:
@@ -114,23 +113,26 @@ def submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
             first.dim_param = "bnfold_batch"
     types = {value.name: value.type.tensor_type.elem_type for value in [*graph.value_info, *graph.output, *graph.input]
              if value.type.HasField("tensor_type")}
-    del new.output[:]
     for name in outputs:
         value = new.output.add()
         value.name = name
         if types.get(name):
             value.type.tensor_type.elem_type = types[name]
-    del new.value_info[:]
     return cut
 
 
-def shard_moments(model_bytes: bytes, shard: Dataset, names: Sequence[str], batch_size: int,
+def model_of(model: bytes | onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.load_from_string(model) if isinstance(model, bytes) else model
+
+
+def shard_moments(model_bytes: bytes | onnx.ModelProto, shard: Dataset, names: Sequence[str], batch_size: int,
                   threads: int = 1, progress: Progress | None = None) -> list[Moments]:
     """The `Moments` (channel axis 1) of the tensors ``names`` over ``shard``: one session, streamed.
 
-    Pure: everything it needs travels in its arguments, so it runs in any process or machine.
+    Pure: everything it needs travels in its arguments (the model serialized, for other processes
+    or machines; in this process the ModelProto itself), so it runs anywhere.
     """
-    sess = session(onnx.load_from_string(model_bytes), "model", threads)
+    sess = session(model_of(model_bytes), "model", threads)
     names = list(names)
     totals: list[Moments | None] = [None] * len(names)
     for feeds in shard.batches(batch_size):
@@ -162,13 +164,14 @@ def run_shards(model: onnx.ModelProto, dataset: Dataset, names: Sequence[str], *
                progress: Progress | None = None, work: Callable = shard_moments) -> list:
     """``work`` (default `shard_moments`) over ``dataset`` split in shards, here or on ``executor``.
 
-    ``work(model_bytes, shard, names, batch_size, threads)`` must be a module-level function
+    ``work(model, shard, names, batch_size, threads)`` (``model`` serialized to bytes when it
+    goes to ``executor``, the ModelProto itself here) must be a module-level function
     returning a list of mergeable pieces (one per name); they are merged in shard order.
     Shards are whole batches (`Dataset.shards`), so the batches are the same for any shard count.
     """
-    model_bytes = _serialize(model)
     if executor is None:
-        return work(model_bytes, dataset, names, batch_size, threads, progress)
+        return work(model, dataset, names, batch_size, threads, progress)
+    model_bytes = _serialize(model)
     count = shards or max(1, 4 * int(getattr(executor, "_max_workers", 8) or 8))
     pieces = dataset.shards(count, batch_size)
     futures = [executor.submit(work, model_bytes, piece, list(names), batch_size, threads) for piece in pieces]

@@ -20,10 +20,8 @@ Two methods:
     channel.
 
 The output is the same graph: every BatchNormalization node is kept with its name, and its
-inputs 3 and 4 (mean, var) get the new values. An initializer read by that BN alone is
-rewritten in place; otherwise (shared with another node, computed by nodes, a graph output) a new
-initializer is added for this BN, so nothing else in the model changes. Values keep the dtype
-of the statistics they replace.
+inputs 3 and 4 (mean, var) get the new values, without changing anything else the model computes
+(rules in `bnfold.statistics_graph`). Values keep the dtype of the statistics they replace.
 
 Only BNs of the main graph are recalibrated (not inside If / Loop / Scan bodies); BNs in training
 mode are refused (they do not use their stored statistics).
@@ -32,44 +30,36 @@ mode are refused (they do not use their stored statistics).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from bnfold.batch_statistics import batch_statistics_model, shard_batch_averages
 from bnfold.dataset import DataLike, Dataset, open_dataset
 from bnfold.errors import BnfoldError
-from bnfold.moments import BatchAverage
-from bnfold.population import Progress, batchnorm_indices, input_specs, run_shards, submodel, subgraph_reads
+from bnfold.moments import drift
+from bnfold.population import (
+    batchnorm_indices,
+    input_specs,
+    run_shards,
+    subgraph_reads,
+    submodel,
+)
 from bnfold.runtime import ModelLike, load, run, session
+from bnfold.statistics_graph import stored_statistics, with_statistics
 
-__all__ = ["recalibrate", "Recalibration", "BNChange", "METHODS", "bn_levels", "drift", "with_statistics"]
+__all__ = ["recalibrate", "recalibrate_file", "Recalibration", "BNChange", "METHODS", "bn_levels", "drift"]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "batch")
-
-
-def drift(old_mean: np.ndarray, old_var: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float) -> dict[str, Any]:
-    """How far stored statistics are from the data's, per channel, in `bnfold inspect`'s units.
-
-    Mean shift ``|old_mean - mean| / sqrt(var + eps)`` (data standard deviations, as the BN
-    divides by them); variance ratio ``max(a, b) / min(a, b)`` with ``a = old_var + eps``,
-    ``b = var + eps`` (a factor of 2 either way reads 2). Statistics equal to the data's give 0 and 1.
-    """
-    old_mean, mean = np.asarray(old_mean, np.float64), np.asarray(mean, np.float64)
-    old_var, var = np.asarray(old_var, np.float64) + eps, np.asarray(var, np.float64) + eps
-    shift = np.abs(old_mean - mean) / np.sqrt(var)
-    ratio = np.maximum(old_var, var) / np.minimum(old_var, var)
-    return {
-        "max_mean_shift": float(shift.max()), "channel_mean_shift": int(np.argmax(shift)),
-        "max_var_ratio": float(ratio.max()), "channel_var_ratio": int(np.argmax(ratio)),
-        "mean_shift": shift.tolist(), "var_ratio": ratio.tolist(),
-    }
 
 
 @dataclass
@@ -110,27 +100,25 @@ class Recalibration:
     labels: str | None = None
     accuracy_before: float | None = None
     accuracy_after: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "samples": self.samples, "batch_size": self.batch_size,
                 "batches": self.batches, "levels": self.levels, "bn_total": len(self.changes),
                 "labels": self.labels, "accuracy_before": self.accuracy_before,
-                "accuracy_after": self.accuracy_after, "bns": [change.to_dict() for change in self.changes],
-                **self.extra}
+                "accuracy_after": self.accuracy_after, "bns": [change.to_dict() for change in self.changes]}
 
     def lines(self) -> list[str]:
         """The human-readable report ``bnfold recalibrate`` prints."""
         how = f"{self.levels} level{'s' if self.levels != 1 else ''} x " if self.method == "exact" else ""
-        lines = [f"recalibrated {len(self.changes)} BatchNormalization node{'s' if len(self.changes) != 1 else ''}"
-                 f" over {self.samples} samples ({self.method}: {how}{self.batches} batch{'es' if self.batches != 1 else ''}"
-                 f" of {self.batch_size})",
-                 "how far the old statistics were: mean shift in data std, variance ratio (max over channels)"]
+        nodes = f"{len(self.changes)} BatchNormalization node{'s' if len(self.changes) != 1 else ''}"
+        batches = f"{self.batches} batch{'es' if self.batches != 1 else ''} of {self.batch_size}"
+        lines = [f"recalibrated {nodes} over {self.samples} samples ({self.method}: {how}{batches})",
+                 "how far the old statistics were: mean shift in data std, variance ratio old/new (worst channel)"]
         width = max(len(change.name) for change in self.changes)
         for change in self.changes:
             d = change.drift
             lines.append(f"  {change.name:<{width}}  level {change.level:>2}  mean shift {d['max_mean_shift']:8.3g}"
-                         f" (ch {d['channel_mean_shift']})  variance ratio {d['max_var_ratio']:8.3g} (ch {d['channel_var_ratio']})")
+                         f" (ch {d['channel_mean_shift']})  variance ratio {d['worst_var_ratio']:8.3g} (ch {d['channel_var_ratio']})")
         if self.accuracy_before is not None:
             lines.append(f"accuracy on the data (labels '{self.labels}'): before {100 * self.accuracy_before:.2f}%,"
                          f" after {100 * self.accuracy_after:.2f}%")
@@ -173,218 +161,38 @@ def bn_levels(model: onnx.ModelProto) -> list[int]:
     return levels
 
 
-def _stored_statistics(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The mean and var each BN uses now, in their own dtype: initializers, or one run for the rest."""
-    initializers = {init.name: init for init in model.graph.initializer}
-    wanted = [name for node in nodes for name in node.input[3:5]]
-    computed = [name for name in dict.fromkeys(wanted) if name not in initializers]
-    values = {name: numpy_helper.to_array(initializers[name]) for name in wanted if name in initializers}
-    if computed:
-        cut = submodel(model, computed)
-        if input_specs(cut):
-            raise BnfoldError(f"BatchNormalization statistics '{computed[0]}' depend on the model's inputs;"
-                              " bnfold recalibrates constant statistics only")
-        values.update(zip(computed, run(session(cut, "model"), computed, {}, "model")))
-    return [(np.asarray(values[node.input[3]]), np.asarray(values[node.input[4]])) for node in nodes]
-
-
-def _all_names(model: onnx.ModelProto) -> set[str]:
-    names = {init.name for init in model.graph.initializer} | {v.name for v in model.graph.input}
-    for node in model.graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        names |= subgraph_reads(node)
-    return names
-
-
-def _uses(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in [*node.input, *subgraph_reads(node)]:
-            counts[name] = counts.get(name, 0) + 1
-    for value in model.graph.output:
-        counts[value.name] = counts.get(value.name, 0) + 1
-    return counts
-
-
-def with_statistics(model: onnx.ModelProto, stats: dict[int, tuple[np.ndarray, np.ndarray]],
-                    stored: Sequence[tuple[np.ndarray, np.ndarray]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose BN number ``i`` (graph order) reads ``stats[i]`` = (mean, var).
-
-    Rules (module docstring): an initializer read only by this BN input is rewritten in place;
-    otherwise a fresh initializer is added and the BN input re-pointed; initializers nobody
-    reads any more are removed. Values are cast to the dtype and shape of ``stored[i]``.
-    """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    positions = {index: position for position, index in enumerate(batchnorm_indices(model))}
-    uses = _uses(model)
-    names = _all_names(model)
-    initializers = {init.name: init for init in out.graph.initializer}
-    released: set[str] = set()
-    for index, copy in enumerate(out.graph.node):
-        position = positions.get(index)
-        if position is None or position not in stats:
-            continue
-        for slot, value, old in zip((3, 4), stats[position], stored[position]):
-            old_name = copy.input[slot]
-            array = np.asarray(value, dtype=np.float64).astype(old.dtype).reshape(old.shape)
-            if old_name in initializers and uses.get(old_name, 0) == 1:
-                initializers[old_name].CopyFrom(numpy_helper.from_array(array, old_name))
-                continue
-            fresh = f"{old_name}.recalibrated"
-            suffix = 1
-            while fresh in names:
-                suffix += 1
-                fresh = f"{old_name}.recalibrated.{suffix}"
-            names.add(fresh)
-            out.graph.initializer.append(numpy_helper.from_array(array, fresh))
-            copy.input[slot] = fresh
-            uses[old_name] = uses.get(old_name, 1) - 1
-            released.add(old_name)
-    unused = {name for name in released if uses.get(name, 0) <= 0 and name in initializers}
-    if unused:
-        kept = [init for init in out.graph.initializer if init.name not in unused]
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(kept)
-        inputs = [value for value in out.graph.input if value.name not in unused]
-        del out.graph.input[:]
-        out.graph.input.extend(inputs)
-    return out
-
-
 def _exact(model, nodes, stored, dataset, levels, *, batch_size, executor, shards, threads, progress):
-    stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN output name -> new (mean, var)
+    previous = {node.output[0]: values for node, values in zip(nodes, stored)}
     for level in range(max(levels) + 1):
         members = [position for position, value in enumerate(levels) if value == level]
         names = list(dict.fromkeys(nodes[position].input[0] for position in members))
-        working = with_statistics(model, stats, stored) if stats else model
-        moments = dict(zip(names, run_shards(submodel(working, names), dataset, names, batch_size=batch_size,
-                                             executor=executor, shards=shards, threads=threads, progress=progress)))
+        # Cut first, then set the earlier levels' statistics in the (smaller, fresh) submodel.
+        cut = with_statistics(submodel(model, names), stats, previous, copy=False)
+        moments = dict(zip(names, run_shards(cut, dataset, names, batch_size=batch_size, executor=executor,
+                                             shards=shards, threads=threads, progress=progress)))
         for position in members:
             found = moments[nodes[position].input[0]]
-            if found.channels != stored[position][0].size:
-                raise BnfoldError(f"BatchNormalization '{_label(nodes[position], position)}': its input has"
-                                  f" {found.channels} channels but {stored[position][0].size} statistics")
-            stats[position] = (found.mean, found.var)
+            _check_channels(nodes[position], position, found.channels, stored[position][0].size)
+            stats[nodes[position].output[0]] = (found.mean, found.var)
         log.info("level %d: %d BatchNormalization nodes recalibrated", level, len(members))
-    return stats
+    return [stats[node.output[0]] for node in nodes]
 
 
-def _reduce_mean(graph_nodes: list, source: str, target: str, axes: list[int], opset: int, extra: list) -> None:
-    helper = onnx.helper
-    if opset >= 18:
-        axes_name = f"{target}.axes"
-        extra.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
-        graph_nodes.append(helper.make_node("ReduceMean", [source, axes_name], [target], keepdims=1))
-    else:
-        graph_nodes.append(helper.make_node("ReduceMean", [source], [target], axes=axes, keepdims=1))
+def _check_channels(node: onnx.NodeProto, position: int, measured: int, stored: int) -> None:
+    if measured != stored:
+        raise BnfoldError(f"BatchNormalization '{_label(node, position)}': its input has {measured} channels"
+                          f" but {stored} statistics")
 
 
-def batch_statistics_model(model: onnx.ModelProto, epsilons: Sequence[float]) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
-    """A copy of ``model`` where every BN normalizes with its batch's statistics (training mode)
-    and outputs them: ``(mean, biased var, shape of X reshaped to (N, C, -1))`` names per BN.
-
-    Each BN becomes ``Xr = Reshape(X, [0, 0, -1])``, ``m = ReduceMean(Xr, [0, 2])``,
-    ``d = Xr - m``, ``v = ReduceMean(d * d, [0, 2])``, ``Y = Reshape(d / Sqrt(v + eps) *
-    scale + B, Shape(X))``: the ONNX BatchNormalization training-mode equations.
-    """
-    helper = onnx.helper
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 15)
-    names = _all_names(model)
-    counter = [0]
-
-    def fresh(hint: str) -> str:
-        while True:
-            counter[0] += 1
-            name = f"bnfold.batch.{hint}.{counter[0]}"
-            if name not in names:
-                names.add(name)
-                return name
-
-    extra: list[onnx.TensorProto] = []
-    flat = fresh("flat")
-    extra.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), flat))
-    column = fresh("column")
-    extra.append(numpy_helper.from_array(np.array([1, -1, 1], np.int64), column))
-    vector = fresh("vector")
-    extra.append(numpy_helper.from_array(np.array([-1], np.int64), vector))
-    positions = {index: position for position, index in enumerate(batchnorm_indices(model))}
-    new_nodes: list[onnx.NodeProto] = []
-    outputs: list[tuple[str, str, str]] = []
-    for index, node in enumerate(out.graph.node):
-        position = positions.get(index)
-        if position is None:
-            new_nodes.append(node)
-            continue
-        x, scale, bias = node.input[0], node.input[1], node.input[2]
-        xr, mean, d, d2, var, shape_r = (fresh(h) for h in ("xr", "mean", "d", "d2", "var", "shape"))
-        eps_name, std, xhat, scale_r, bias_r, scaled, y_r, shape_x = (
-            fresh(h) for h in ("eps", "std", "xhat", "scale", "bias", "scaled", "y", "shape_x"))
-        mean_v, var_v = fresh("mean_out"), fresh("var_out")
-        new_nodes += [
-            helper.make_node("Reshape", [x, flat], [xr]),
-            helper.make_node("Shape", [xr], [shape_r]),
-        ]
-        _reduce_mean(new_nodes, xr, mean, [0, 2], opset, extra)
-        new_nodes += [helper.make_node("Sub", [xr, mean], [d]), helper.make_node("Mul", [d, d], [d2])]
-        _reduce_mean(new_nodes, d2, var, [0, 2], opset, extra)
-        extra.append(numpy_helper.from_array(np.array(epsilons[position], np.float32), eps_name))
-        eps_typed = eps_name
-        if opset >= 15:
-            eps_typed = fresh("eps_typed")
-            new_nodes.append(helper.make_node("CastLike", [eps_name, x], [eps_typed]))
-        new_nodes += [
-            helper.make_node("Add", [var, eps_typed], [fresh_sum := fresh("var_eps")]),
-            helper.make_node("Sqrt", [fresh_sum], [std]),
-            helper.make_node("Div", [d, std], [xhat]),
-            helper.make_node("Reshape", [scale, column], [scale_r]),
-            helper.make_node("Reshape", [bias, column], [bias_r]),
-            helper.make_node("Mul", [xhat, scale_r], [scaled]),
-            helper.make_node("Add", [scaled, bias_r], [y_r]),
-            helper.make_node("Shape", [x], [shape_x]),
-            helper.make_node("Reshape", [y_r, shape_x], [node.output[0]]),
-            helper.make_node("Reshape", [mean, vector], [mean_v]),
-            helper.make_node("Reshape", [var, vector], [var_v]),
-        ]
-        outputs.append((mean_v, var_v, shape_r))
-    del out.graph.node[:]
-    out.graph.node.extend(new_nodes)
-    out.graph.initializer.extend(extra)
-    return out, outputs
-
-
-def shard_batch_averages(model_bytes: bytes, shard: Dataset, names: Sequence[str], batch_size: int,
-                         threads: int = 1, progress: Progress | None = None) -> list[BatchAverage]:
-    """Per BN, the sums of batch means and unbiased batch variances over ``shard`` (pure, like
-    `bnfold.population.shard_moments`); ``names`` are (mean, var, shape) triples, flattened."""
-    sess = session(onnx.load_from_string(model_bytes), "model", threads)
-    names = list(names)
-    totals: list[BatchAverage | None] = [None] * (len(names) // 3)
-    for lo, hi in shard.bounds(batch_size):
-        values = run(sess, names, shard.batch(lo, hi), "model")
-        for position in range(len(totals)):
-            mean, var, shape = values[3 * position: 3 * position + 3]
-            count = int(shape[0]) * int(shape[2])
-            if count < 2:
-                raise BnfoldError(f"--method batch: a batch of {hi - lo} gives {count} value per channel at"
-                                  f" '{names[3 * position]}'; an unbiased batch variance needs 2: use a larger"
-                                  " batch size (or --method exact)")
-            piece = BatchAverage.from_stats(mean, var, count)
-            totals[position] = piece if totals[position] is None else totals[position].merge(piece)
-        if progress is not None:
-            progress(1)
-    return totals
-
-
-def _batch(model, nodes, epsilons, dataset, *, batch_size, executor, shards, threads, progress):
+def _batch(model, nodes, stored, epsilons, dataset, *, batch_size, executor, shards, threads, progress):
     rewritten, triples = batch_statistics_model(model, epsilons)
     names = [name for triple in triples for name in triple]
     averages = run_shards(submodel(rewritten, names), dataset, names, batch_size=batch_size, executor=executor,
                           shards=shards, threads=threads, progress=progress, work=shard_batch_averages)
-    return {position: (average.mean, average.var) for position, average in enumerate(averages)}
+    for position, (node, average) in enumerate(zip(nodes, averages)):
+        _check_channels(node, position, average.mean.size, stored[position][0].size)
+    return [(average.mean, average.var) for average in averages]
 
 
 def accuracy(model: onnx.ModelProto, dataset: Dataset, batch_size: int, threads: int = 1) -> float:
@@ -392,18 +200,21 @@ def accuracy(model: onnx.ModelProto, dataset: Dataset, batch_size: int, threads:
     output = model.graph.output[0].name
     sess = session(submodel(model, [output]), "model", threads)
     correct = 0
-    for lo, hi in dataset.bounds(batch_size):
-        (scores,) = run(sess, [output], dataset.batch(lo, hi), "model")
-        if scores.ndim < 2 or any(dim != 1 for dim in scores.shape[2:]):
-            raise BnfoldError(f"--labels: the first output '{output}' has shape {scores.shape}; expected (N, classes)")
-        predicted = scores.reshape(scores.shape[0], scores.shape[1]).argmax(axis=1)
-        correct += int((predicted == dataset.labels(lo, hi)).sum())
+    try:
+        for lo, hi in dataset.bounds(batch_size):
+            (scores,) = run(sess, [output], dataset.batch(lo, hi), "model")
+            if scores.ndim < 2 or any(dim != 1 for dim in scores.shape[2:]):
+                raise BnfoldError(f"--labels: the first output '{output}' has shape {scores.shape}; expected (N, classes)")
+            predicted = scores.reshape(scores.shape[0], scores.shape[1]).argmax(axis=1)
+            correct += int((predicted == dataset.labels(lo, hi)).sum())
+    finally:
+        dataset.close()
     return correct / len(dataset)
 
 
 def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batch_size: int = 256,
                 executor: Executor | None = None, shards: int | None = None, threads: int = 1,
-                labels: str | None = None, progress: Progress | None = None) -> Recalibration:
+                labels: str | None = None, progress: Callable[[int, int], None] | None = None) -> Recalibration:
     """Recompute every main-graph BatchNormalization's mean and variance from ``data``.
 
     Parameters
@@ -423,13 +234,15 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
         each task gets the model bytes and a shard of the data (file paths and row ranges, or the
         rows of in-memory arrays), so workers must see the same files.
     shards : int, optional
-        Shards per pass with ``executor`` (default: 4 per worker).
+        Shards per pass with ``executor`` (default: 4 per worker of a process or thread pool,
+        32 for other executors). Shards are whole batches.
     threads : int
         onnxruntime threads per session.
     labels : str, optional
         Key of integer labels in the data: accuracy (argmax of the first output) before and after.
     progress : callable, optional
-        Called with the number of batches finished (levels x batches in all for ``exact``).
+        ``progress(done, total)``: called with the number of batches just finished and the total
+        (levels x batches for ``exact``, batches for ``batch``).
 
     Returns
     -------
@@ -449,27 +262,74 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
     model, label = load(model, "model")
     nodes = [model.graph.node[index] for index in batchnorm_indices(model)]
     if not nodes:
-        raise BnfoldError(f"{label}: no BatchNormalization node in the main graph: nothing to recalibrate")
+        raise BnfoldError(f"{label}: no BatchNormalization node in the main graph: nothing to recalibrate"
+                          " (PyTorch's exporters fold BN into Conv by default: export with"
+                          " do_constant_folding=False, or dynamo=True with optimize=False)")
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 15)
     epsilons = [_check_node(node, position, opset) for position, node in enumerate(nodes)]
     dataset = open_dataset(data, input_specs(model, label), labels=labels)
-    stored = _stored_statistics(model, nodes)
+    stored = stored_statistics(model, nodes)
     levels = bn_levels(model)
+    batches = len(dataset.bounds(batch_size))
+    total = batches * (max(levels) + 1 if method == "exact" else 1)
+    step = None if progress is None else (lambda done: progress(done, total))
     options = {"batch_size": batch_size, "executor": executor, "shards": shards, "threads": threads,
-               "progress": progress}
+               "progress": step}
     if method == "exact":
         stats = _exact(model, nodes, stored, dataset, levels, **options)
     else:
-        stats = _batch(model, nodes, epsilons, dataset, **options)
-    new_model = with_statistics(model, stats, stored)
+        stats = _batch(model, nodes, stored, epsilons, dataset, **options)
+    new_model = with_statistics(model, {node.output[0]: values for node, values in zip(nodes, stats)},
+                                {node.output[0]: values for node, values in zip(nodes, stored)})
     changes = [BNChange(_label(node, position), node.input[0], levels[position],
                         epsilons[position], stored[position][0].astype(np.float64).reshape(-1),
                         stored[position][1].astype(np.float64).reshape(-1), *stats[position])
                for position, node in enumerate(nodes)]
     result = Recalibration(new_model, method, changes, levels=max(levels) + 1 if method == "exact" else 1,
-                           samples=len(dataset), batch_size=batch_size, batches=len(dataset.bounds(batch_size)),
+                           samples=len(dataset), batch_size=batch_size, batches=batches,
                            labels=labels)
     if labels is not None:
         result.accuracy_before = accuracy(model, dataset, batch_size, threads)
         result.accuracy_after = accuracy(new_model, dataset, batch_size, threads)
     return result
+
+
+def recalibrate_file(input_path: str | os.PathLike, output_path: str | os.PathLike, data: DataLike, *,
+                     fold: bool = False, force: bool = False, json_path: str | os.PathLike | None = None,
+                     **options: Any) -> tuple[Recalibration, Any]:
+    """`recalibrate` the model file IN and write OUT atomically (``bnfold recalibrate``).
+
+    IN is never modified. With ``fold=True`` the recalibrated model is folded and verified by
+    `bnfold.conversion.convert` (OUT is then written only if verification passes). ``options``
+    are those of `recalibrate`. Returns the `Recalibration` and the `ConvertResult` (or None).
+    """
+    from bnfold.io import check_output_path, save_model, write_json
+    from bnfold.io.files import same_file
+
+    source, out = Path(input_path), Path(output_path)
+    data_paths = [Path(item) for item in (data if isinstance(data, (list, tuple)) else [data])
+                  if isinstance(item, (str, os.PathLike))]
+    for other in (source, *data_paths):
+        if same_file(out, other):  # checked here: check_output_path's advice (--in-place) is convert's
+            raise BnfoldError(f"{out}: output is the same file as the input {other}; choose another -o")
+    check_output_path(out, overwrite=force, inputs=(source, *data_paths))
+    if json_path is not None:
+        if Path(json_path).resolve() in (out.resolve(), source.resolve()):
+            raise BnfoldError(f"{json_path}: the JSON report path equals the input or the output model")
+        check_output_path(json_path, overwrite=True, inputs=(source, *data_paths))
+    result = recalibrate(source, data, **options)
+    converted = None
+    if fold:
+        from bnfold.conversion import convert
+
+        with tempfile.TemporaryDirectory(prefix="bnfold-recalibrate-") as folder:
+            staged = Path(folder) / source.name
+            save_model(result.model, staged)
+            converted = convert(staged, out, force=force)
+        converted.data["input"] = f"{source} (recalibrated)"
+    else:
+        save_model(result.model, out)
+    if json_path is not None:
+        write_json(json_path, {"input": str(source), "output": str(out), **result.to_dict(),
+                               "fold": converted.data if converted is not None else None})
+    return result, converted

@@ -16,11 +16,11 @@ import bnfold
 
 SUBMODULES = ["bnfold.folding", "bnfold.verification", "bnfold.conversion", "bnfold.testing",
               "bnfold.export", "bnfold.nn.training", "bnfold.nn.checkpoint", "bnfold.cli", "bnfold.diagnosis",
-              "bnfold.cli.inspect"]
+              "bnfold.cli.inspect", "bnfold.recalibration", "bnfold.cli.recalibrate"]
 
 CHECK = """
 import bnfold, types
-for name in ("fold", "verify", "convert", "inspect", "export_onnx", "BatchNorm"):
+for name in ("fold", "verify", "convert", "inspect", "recalibrate", "export_onnx", "BatchNorm"):
     value = getattr(bnfold, name)
     assert callable(value) and not isinstance(value, types.ModuleType), (name, value)
 assert isinstance(bnfold.nn, types.ModuleType)
@@ -51,7 +51,7 @@ def test_nn_names_without_importing_nn_first():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("module", ["bnfold.fold", "bnfold.verify", "bnfold.inspect", "bnfold.nn.train"])
+@pytest.mark.parametrize("module", ["bnfold.fold", "bnfold.verify", "bnfold.inspect", "bnfold.nn.train", "bnfold.recalibrate"])
 def test_no_module_is_named_like_a_public_function(module):
     result = _run(f"import {module}")
     assert result.returncode != 0

@@ -95,8 +95,9 @@ def test_channel_mismatch_and_nothing_to_merge_are_errors():
         merge_all([])
 
 
-def test_module_imports_numpy_only():
-    code = "import sys, bnfold.moments; bad = [m for m in ('onnx', 'onnxruntime', 'click') if m in sys.modules]; print(bad)"
+@pytest.mark.parametrize("module", ["bnfold.moments", "bnfold.nn.training"])
+def test_statistics_and_training_import_no_onnx(module):
+    code = f"import sys, {module}; bad = [m for m in ('onnx', 'onnxruntime', 'click') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -113,3 +114,22 @@ def test_batch_average_is_the_mean_of_batch_statistics_with_unbiased_variance():
     np.testing.assert_allclose(average.var, expected_var, rtol=RTOL)
     with pytest.raises(ValueError, match="at least 2 values per channel"):
         BatchAverage.from_batch(np.zeros((1, 3)))
+
+
+def test_numpy_trainer_recomputes_statistics_with_this_module(monkeypatch):
+    """One implementation of the statistics math: `recompute_statistics` merges Moments."""
+    from bnfold.nn.batchnorm import BatchNorm
+    from bnfold.nn.layers import Dense, ReLU
+    from bnfold.nn.model import Sequential
+    from bnfold.nn.training import recompute_statistics
+
+    calls = []
+    original = Moments.from_batch.__func__
+    monkeypatch.setattr(Moments, "from_batch", classmethod(lambda cls, x, axis=1: calls.append(x.shape) or original(cls, x, axis)))
+    rng = np.random.default_rng(4)
+    model = Sequential([Dense(3, 2, rng=rng), BatchNorm(2), ReLU()])
+    x = rng.standard_normal((10, 3))
+    recompute_statistics(model, x, batch_size=4)
+    assert len(calls) == 3 and sum(shape[0] for shape in calls) == 10  # three chunks of at most 4 rows
+    h = x.astype(np.float32) @ model.layers[0].weight + model.layers[0].bias
+    np.testing.assert_allclose(model.layers[1].moving_mean, h.mean(axis=0), rtol=1e-6)

@@ -25,6 +25,7 @@ _COMMANDS = {
     "convert": "convert",
     "verify": "verify",
     "inspect": "inspect",
+    "recalibrate": "recalibrate",
 }
 
 

@@ -23,9 +23,9 @@ deviations: 0.05 at n = 400), and what the trainer's slow-EMA trap leaves behind
 
 from __future__ import annotations
 
-import numpy as np
 
 from bnfold.diagnosis.report import BNDiagnosis
+from bnfold.moments import drift
 
 __all__ = ["MEAN_SHIFT", "VAR_RATIO", "drift", "flag_stale"]
 
@@ -33,30 +33,6 @@ __all__ = ["MEAN_SHIFT", "VAR_RATIO", "drift", "flag_stale"]
 MEAN_SHIFT = 0.5
 #: A moving variance off by this factor (either way), in some channel, is stale.
 VAR_RATIO = 1.5
-
-
-def drift(moving_mean, moving_var, data_mean, data_var, eps: float) -> dict[str, object]:
-    """Per-channel mean shift and variance ratio (module docstring), as lists, and their maxima."""
-    moving_mean = np.asarray(moving_mean, dtype=np.float64)
-    moving_var = np.asarray(moving_var, dtype=np.float64) + eps
-    data_mean = np.asarray(data_mean, dtype=np.float64)
-    data_var = np.asarray(data_var, dtype=np.float64) + eps
-    # eps = 0 (flagged invalid) on a constant channel divides by zero: inf, reported as such.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shift = np.abs(moving_mean - data_mean) / np.sqrt(data_var)
-        ratio = moving_var / data_var
-        # The worst variance channel is the one furthest from 1 on a log scale (2 and 0.5 alike).
-        worst = int(np.nanargmax(np.abs(np.log(ratio)))) if not np.all(np.isnan(ratio)) else 0
-    return {
-        "mean_shift": shift.tolist(),
-        "var_ratio": ratio.tolist(),
-        "max_mean_shift": float(shift.max()),
-        "worst_var_ratio": float(ratio[worst]),
-        "channel_mean_shift": int(np.argmax(shift)),
-        "channel_var_ratio": worst,
-        "data_mean": data_mean.tolist(),
-        "data_var": (data_var - eps).tolist(),
-    }
 
 
 def flag_stale(diagnosis: BNDiagnosis, result: dict[str, object]) -> None:

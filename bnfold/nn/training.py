@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from bnfold.moments import Moments
 from bnfold.nn.losses import softmax_cross_entropy
 from bnfold.nn.model import Sequential
 from bnfold.nn.optim import Optimizer
@@ -192,10 +193,6 @@ def evaluate(model: Sequential, x: np.ndarray, y: np.ndarray, *, x_train: np.nda
     )
 
 
-def _channels_last_2d(h: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(h, axis, -1).reshape(-1, h.shape[axis])
-
-
 def recompute_statistics(model: Sequential, x: np.ndarray, *, batch_size: int = 256) -> None:
     r"""Set every BN's moving statistics to the exact statistics of its input over ``x``.
 
@@ -216,8 +213,9 @@ def recompute_statistics(model: Sequential, x: np.ndarray, *, batch_size: int = 
     about 1e-3 relative on the digits training set. This is "precise BN" (Wu & Johnson, 2021) with
     the whole training set.
 
-    Chunks are merged in float64 with Chan et al.'s pairwise update of (count, mean, M2), so the
-    result does not depend on ``batch_size`` beyond rounding. Costs one inference pass over ``x``
+    Chunks are merged in float64 with Chan et al.'s pairwise update of (count, mean, M2)
+    (`bnfold.moments.Moments`, the same code as ``bnfold recalibrate``), so the result does not
+    depend on ``batch_size`` beyond rounding. Costs one inference pass over ``x``
     per BN.
     """
     x = np.asarray(x)
@@ -225,23 +223,13 @@ def recompute_statistics(model: Sequential, x: np.ndarray, *, batch_size: int = 
         raise ValueError(f"recompute_statistics: need at least 2 samples, got {len(x)}")
     for position, bn in model.batchnorms():
         upstream = model.layers[:position]
-        count = 0
-        mean = np.zeros(bn.num_features, dtype=np.float64)
-        m2 = np.zeros(bn.num_features, dtype=np.float64)
+        total = Moments.empty(bn.num_features)
         for index in _split(np.arange(len(x)), batch_size):
             h = x[index]
             for layer in upstream:
                 h = layer.forward(h, training=False)
-            values = _channels_last_2d(h, bn.axis).astype(np.float64)
-            n_b = values.shape[0]
-            mean_b = values.mean(axis=0)
-            m2_b = ((values - mean_b) ** 2).sum(axis=0)
-            total = count + n_b
-            delta = mean_b - mean
-            mean = mean + delta * (n_b / total)
-            m2 = m2 + m2_b + delta**2 * (count * n_b / total)
-            count = total
+            total = total.merge(Moments.from_batch(h, axis=bn.axis))
         dtype = np.asarray(bn.moving_mean).dtype
-        bn.moving_mean = mean.astype(dtype)
-        bn.moving_var = (m2 / count).astype(dtype)
-        log.debug("layer %d: recomputed statistics over %d values per channel", position, count)
+        bn.moving_mean = total.mean.astype(dtype)
+        bn.moving_var = total.var.astype(dtype)
+        log.debug("layer %d: recomputed statistics over %d values per channel", position, total.count)
