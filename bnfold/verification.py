@@ -45,6 +45,7 @@ from bnfold.runtime import (
     InputSpec,
     ModelLike,
     concrete_shape,
+    default_tolerances,
     feed_inputs,
     np_dtype,
     random_inputs,
@@ -69,21 +70,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 """Default cap on the memory that verification may allocate for inputs and outputs (2 GiB)."""
-
-# dtype name -> default (rtol, atol); atol = rtol / 100 (see the module docstring).
-_DEFAULT_TOLERANCES = {
-    "float64": (1e-9, 1e-11),
-    "float32": (1e-4, 1e-6),
-    "float16": (1e-2, 1e-4),
-    "bfloat16": (1e-2, 1e-4),
-}
-
-
-def default_tolerances(dtype: np.dtype | str) -> tuple[float, float]:
-    """Return the default ``(rtol, atol)`` for outputs of ``dtype`` (exact for non-floats)."""
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    return _DEFAULT_TOLERANCES.get(name, (0.0, 0.0))
-
 
 @dataclass
 class OutputComparison:
