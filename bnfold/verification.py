@@ -474,6 +474,12 @@ def _check_options(batch: int, threads: int, rtol: float | None, atol: float | N
             raise BnfoldError(f"{label} must be a finite number >= 0, got {value}")
 
 
+# Samples run twice to check determinism: a few, so that a BN in training mode sees a batch with
+# a spread (one sample would make it output beta alone) while the check stays a small share of
+# the time.
+_DETERMINISM_ROWS = 4
+
+
 @dataclass
 class _Model:
     """One side of the comparison: its model, label, session and the tensors the session outputs."""
@@ -493,8 +499,8 @@ class _Model:
         self.order = [name for name in names if name in self.per_row]
 
     def check_deterministic(self, feeds: FeedPlan, budget: float, describe: Callable[[float], str]) -> None:
-        """Run the first sample (the whole batch when it cannot be split) twice; measure tensor sizes."""
-        rows = 1 if feeds.splittable else feeds.rows
+        """Run the first samples (the whole batch when it cannot be split) twice; measure tensor sizes."""
+        rows = min(feeds.rows, _DETERMINISM_ROWS) if feeds.splittable else feeds.rows
         sample = feeds.chunk(0, rows)
         plan = plan_runs(self.order, self.per_row, rows=rows, splittable=False, budget=budget, describe=describe)
         check_deterministic(self.sess, self.order, sample, self.label, groups=plan.groups)
