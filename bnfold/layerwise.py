@@ -107,8 +107,11 @@ class TensorStats:
     reason: str | None = None
     exact: bool = False
 
-    def add(self, a: np.ndarray, b: np.ndarray, rows: int) -> None:
-        """Fold the values of one batch of ``rows`` samples into the statistics."""
+    def add(self, a: np.ndarray, b: np.ndarray, rows: int, *, consume: bool = False) -> None:
+        """Fold the values of one batch of ``rows`` samples into the statistics.
+
+        ``consume=True`` lets the comparison overwrite ``b`` (no temporary array).
+        """
         a, b = np.asarray(a), np.asarray(b)
         if not self.dtype:
             self.dtype, self.shape = a.dtype.name, tuple(int(d) for d in a.shape)
@@ -124,7 +127,7 @@ class TensorStats:
             self.exact = True
             self._add_exact(a, b)
         else:
-            self._add_float(a, b)
+            self._add_float(a, b, consume)
 
     def _add_exact(self, a: np.ndarray, b: np.ndarray) -> None:
         differ = a != b
@@ -133,19 +136,26 @@ class TensorStats:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
                                if wide else math.inf)
 
-    def _add_float(self, a: np.ndarray, b: np.ndarray) -> None:
+    def _add_float(self, a: np.ndarray, b: np.ndarray, consume: bool) -> None:
         if a.dtype.itemsize < 4:  # float16 / bfloat16: compute in float32
             a, b = a.astype(np.float32), b.astype(np.float32)
+            consume = True
         if a.size == 0:
             return
-        # Fast path, in the tensor's own dtype: the rounding of a - b (relative 2**-24 in float32)
-        # is far below any tolerance. Anything non-finite takes the careful float64 path.
-        diff = np.subtract(a, b)
-        max_abs = float(max(diff.max(), -diff.min()))
-        scale = float(max(a.max(), -a.min()))
-        if not (math.isfinite(max_abs) and math.isfinite(scale)):
+        scale = float(max(a.max(), -a.min()))  # NaN or inf when a has any
+        if not math.isfinite(scale):
             max_abs, scale, nan_mismatch = _careful(a.astype(np.float64), b.astype(np.float64))
             self.nan_mismatch += nan_mismatch
+        else:
+            # In the tensor's own dtype: the rounding of a - b (relative 2**-24 in float32) is far
+            # below any tolerance. With a finite, a - b is NaN exactly where b is NaN and
+            # infinite where b is, so the difference alone tells the rest.
+            diff = np.subtract(a, b, out=b if consume and b.flags.writeable else None)
+            max_abs = float(max(diff.max(), -diff.min()))
+            if not math.isfinite(max_abs):
+                nan = np.isnan(diff)
+                self.nan_mismatch += int(np.count_nonzero(nan))
+                max_abs = float(np.max(np.abs(diff[~nan]))) if not nan.all() else 0.0
         self.max_abs = max(self.max_abs, max_abs)
         self.scale = max(self.scale, scale)
 
@@ -191,13 +201,13 @@ def producers(model: onnx.ModelProto) -> dict[str, str]:
     return found
 
 
-def tensor_bytes(sess, rows: int) -> dict[str, int]:
-    """Estimated bytes of each output of onnxruntime session ``sess`` at ``rows`` samples.
+def tensor_bytes(sess, rows: int) -> tuple[dict[str, int], set[str]]:
+    """Estimated bytes of each tensor output of onnxruntime session ``sess`` at ``rows`` samples.
 
-    The first symbolic dimension counts ``rows``; other unknown dimensions count 1 (the first run
-    measures the true sizes, `Plan.measure`).
+    The first symbolic dimension counts ``rows``; other unknown dimensions count 1, and the names
+    of tensors with such dimensions (or no known shape) are returned as uncertain, to be measured.
     """
-    sizes = {}
+    sizes, uncertain = {}, set()
     for value in sess.get_outputs():
         kind = value.type or ""
         if not kind.startswith("tensor("):
@@ -207,14 +217,18 @@ def tensor_bytes(sess, rows: int) -> dict[str, int]:
         except BnfoldError:
             itemsize = 8
         count, symbolic_seen = 1, False
+        if value.shape is None:
+            uncertain.add(value.name)
         for dim in value.shape or []:
             if isinstance(dim, int):
                 count *= dim
             elif not symbolic_seen:
                 count *= rows
                 symbolic_seen = True
+            else:
+                uncertain.add(value.name)
         sizes[value.name] = count * itemsize
-    return sizes
+    return sizes, uncertain
 
 
 _ELEMENT_TYPES = {

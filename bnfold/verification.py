@@ -45,6 +45,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -237,7 +238,7 @@ class VerifyReport:
             return f"inputs: random values (seed {self.seed}, floats ~ N(0, 1)) for every input: {described}"
         return f"inputs: from {self.input_source}: {described}"
 
-    def _counts_line(self) -> str:
+    def counts_line(self) -> str:
         n_out = sum(1 for item in self.layers if item.output)
         if self.mode == "layers":
             what = f"{_plural(len(self.layers), 'tensor')} layer by layer ({_plural(n_out, 'output')})"
@@ -259,7 +260,7 @@ class VerifyReport:
             out.append(f"output '{name}' only in the reference: not compared")
         for name in self.only_in_candidate:
             out.append(f"output '{name}' only in the candidate: not compared")
-        out.append(self._counts_line())
+        out.append(self.counts_line())
         first = self.first_failure
         if first is None:
             out.append(self.summary())
@@ -474,10 +475,10 @@ def _check_options(batch: int, threads: int, rtol: float | None, atol: float | N
             raise BnfoldError(f"{label} must be a finite number >= 0, got {value}")
 
 
-# Samples run twice to check determinism: a few, so that a BN in training mode sees a batch with
+# Samples run twice to check determinism: two, so that a BN in training mode sees a batch with
 # a spread (one sample would make it output beta alone) while the check stays a small share of
 # the time.
-_DETERMINISM_ROWS = 4
+_DETERMINISM_ROWS = 2
 
 
 @dataclass
@@ -489,13 +490,15 @@ class _Model:
     sess: Any = None
     order: list[str] = field(default_factory=list)  # tensor-typed outputs of the session, topological
     per_row: dict[str, float] = field(default_factory=dict)
+    uncertain: set[str] = field(default_factory=set)  # tensors whose size onnxruntime does not know
 
     def open(self, layers: bool, threads: int) -> None:
         graph_outputs = [value.name for value in self.model.graph.output]
         names = list(dict.fromkeys([*computed_tensors(self.model), *graph_outputs])) if layers else graph_outputs
         runnable = expose(self.model, names) if layers else self.model
         self.sess = _session(runnable, self.label, threads)
-        self.per_row = {name: float(size) for name, size in tensor_bytes(self.sess, 1).items()}
+        sizes, self.uncertain = tensor_bytes(self.sess, 1)
+        self.per_row = {name: float(size) for name, size in sizes.items()}
         self.order = [name for name in names if name in self.per_row]
 
     def check_deterministic(self, feeds: FeedPlan, budget: float, describe: Callable[[float], str]) -> None:
@@ -504,8 +507,10 @@ class _Model:
         sample = feeds.chunk(0, rows)
         plan = plan_runs(self.order, self.per_row, rows=rows, splittable=False, budget=budget, describe=describe)
         check_deterministic(self.sess, self.order, sample, self.label, groups=plan.groups)
-        # The check also measured every tensor: estimates with unknown dimensions become sizes.
-        for group in plan.groups:
+        # Tensors with dimensions onnxruntime does not know are measured on the same samples.
+        measure = [name for name in self.order if name in self.uncertain]
+        for group in plan_runs(measure, self.per_row, rows=rows, splittable=False, budget=budget,
+                               describe=describe).groups:
             for name, value in zip(group, _run(self.sess, group, sample, self.label)):
                 self.per_row[name] = max(self.per_row[name], np.asarray(value).nbytes / max(rows, 1))
 
@@ -607,16 +612,29 @@ def verify(reference: ModelLike, candidate: ModelLike,
     stats = {name: TensorStats(name, rtol, atol) for name in compared}
     output_parts: dict[str, list[OutputComparison]] = {name: [] for name in shared}
     chunks = plan.chunks() if feeds.splittable else [(0, feeds.rows)]
-    for start, stop in chunks:
-        chunk = feeds.chunk(start, stop)
-        for group in plan.groups:
-            ref_values = _run(ref.sess, group, chunk, ref_label)
-            cand_values = _run(cand.sess, group, chunk, cand_label)
-            for name, a, b in zip(group, ref_values, cand_values):
-                stats[name].add(a, b, stop - start)
-                if name in output_parts:
-                    output_parts[name].append(compare_arrays(name, a, b, rtol=rtol, atol=atol))
-            del ref_values, cand_values
+
+    def compare(group: list[str], ref_values: list, cand_values: list, rows: int) -> None:
+        for name, a, b in zip(group, ref_values, cand_values):
+            if name in output_parts:
+                output_parts[name].append(compare_arrays(name, a, b, rtol=rtol, atol=atol))
+            stats[name].add(a, b, rows, consume=True)
+
+    # The comparison of one run's tensors overlaps onnxruntime's next run (both release the GIL).
+    # At most one comparison is pending, so that two runs' tensors are held at a time: the
+    # MEMORY_FACTOR of bnfold.layerwise counts them.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-compare") as pool:
+        pending = None
+        for start, stop in chunks:
+            chunk = feeds.chunk(start, stop)
+            for group in plan.groups:
+                ref_values = _run(ref.sess, group, chunk, ref_label)
+                cand_values = _run(cand.sess, group, chunk, cand_label)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(compare, group, ref_values, cand_values, stop - start)
+                del ref_values, cand_values
+        if pending is not None:
+            pending.result()
 
     ref_nodes, cand_nodes = producers(ref_model), producers(cand_model)
     layers = [stats[name].result(ref_nodes.get(name, "graph input"), cand_nodes.get(name, "graph input"),
