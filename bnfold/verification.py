@@ -481,6 +481,25 @@ def _check_options(batch: int, threads: int, rtol: float | None, atol: float | N
 _DETERMINISM_ROWS = 2
 
 
+# Models larger than this are not copied to expose their tensors (a second copy of several GB of
+# weights): the outputs are added to the model for the time it takes to create the session.
+_COPY_LIMIT = 256 * 1024**2
+
+
+def _exposed_in_place(model: onnx.ModelProto, names: Sequence[str], label: str, threads: int) -> Any:
+    """A session of ``model`` also outputting ``names``; ``model`` is left as it was."""
+    before = len(model.graph.output)
+    present = {value.name for value in model.graph.output}
+    try:
+        for name in names:
+            if name not in present:
+                present.add(name)
+                model.graph.output.add().name = name
+        return _session(model, label, threads)
+    finally:
+        del model.graph.output[before:]
+
+
 @dataclass
 class _Model:
     """One side of the comparison: its model, label, session and the tensors the session outputs."""
@@ -495,8 +514,12 @@ class _Model:
     def open(self, layers: bool, threads: int) -> None:
         graph_outputs = [value.name for value in self.model.graph.output]
         names = list(dict.fromkeys([*computed_tensors(self.model), *graph_outputs])) if layers else graph_outputs
-        runnable = expose(self.model, names) if layers else self.model
-        self.sess = _session(runnable, self.label, threads)
+        if not layers:
+            self.sess = _session(self.model, self.label, threads)
+        elif self.model.ByteSize() < _COPY_LIMIT:
+            self.sess = _session(expose(self.model, names), self.label, threads)
+        else:
+            self.sess = _exposed_in_place(self.model, names, self.label, threads)
         sizes, self.uncertain = tensor_bytes(self.sess, 1)
         self.per_row = {name: float(size) for name, size in sizes.items()}
         self.order = [name for name in names if name in self.per_row]

@@ -320,3 +320,14 @@ def test_pytorch_training_mode_export_with_dropout_is_refused_by_verify_and_conv
     torch.onnx.export(net.eval(), torch.randn(4, 8), str(healthy), dynamo=False, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     assert bnfold_cli("verify", healthy, healthy, "--batch", 4)[0] == 0
+
+
+def test_large_models_are_exposed_in_place_and_left_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnfold.verification as verification
+
+    model, folded, wrong = tampered_pair()
+    before = (model.SerializeToString(), wrong.SerializeToString())
+    monkeypatch.setattr(verification, "_COPY_LIMIT", 0)  # every model takes the no-copy path
+    report = verify(model, wrong, batch=2)
+    assert report.first_failure.name == f"bn{MIDDLE}_out"
+    assert (model.SerializeToString(), wrong.SerializeToString()) == before
