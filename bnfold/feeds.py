@@ -209,5 +209,5 @@ def plan_feeds(specs: list[InputSpec], inputs: Mapping[str, np.ndarray] | str | 
     """Random inputs (``inputs`` None) or the user's, checked against ``specs`` (see `FeedPlan`)."""
     plan = _random_plan(specs, batch, seed) if inputs is None else _user_plan(inputs, specs, batch)
     for line in plan.warnings:
-        log.warning("%s", line)
+        log.debug("%s", line)  # printed by the report; logging it too would repeat it on stderr
     return plan
