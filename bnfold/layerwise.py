@@ -150,7 +150,8 @@ class TensorStats:
             # In the tensor's own dtype: the rounding of a - b (relative 2**-24 in float32) is far
             # below any tolerance. With a finite, a - b is NaN exactly where b is NaN and
             # infinite where b is, so the difference alone tells the rest.
-            diff = np.subtract(a, b, out=b if consume and b.flags.writeable else None)
+            with np.errstate(invalid="ignore", over="ignore"):  # b's NaN and infinities: handled below
+                diff = np.subtract(a, b, out=b if consume and b.flags.writeable else None)
             max_abs = float(max(diff.max(), -diff.min()))
             if not math.isfinite(max_abs):
                 nan = np.isnan(diff)

@@ -225,7 +225,8 @@ def within_tolerance(a: np.ndarray, b: np.ndarray, rtol: float | None = None, at
         a, b = a.astype(np.float32), b.astype(np.float32)
     # Fast path in the arrays' own dtype (a - b rounds at 2**-24 relative in float32, far below
     # any tolerance); NaN or infinities anywhere take the float64 path below.
-    diff = np.subtract(a, b)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: handled below
+        diff = np.subtract(a, b)
     max_abs = float(max(diff.max(), -diff.min()))
     scale = float(max(a.max(), -a.min()))
     if math.isfinite(max_abs) and math.isfinite(scale):
