@@ -331,3 +331,13 @@ def test_large_models_are_exposed_in_place_and_left_as_they_were(monkeypatch: py
     report = verify(model, wrong, batch=2)
     assert report.first_failure.name == f"bn{MIDDLE}_out"
     assert (model.SerializeToString(), wrong.SerializeToString()) == before
+
+
+def test_assert_equivalent_checks_layer_by_layer_unless_told_otherwise() -> None:
+    from bnfold.testing import assert_equivalent
+
+    model, folded, wrong = tampered_pair()
+    assert assert_equivalent(model, folded, batch=2).mode == "layers"
+    with pytest.raises(AssertionError, match=f"first tensor 'bn{MIDDLE}_out'"):
+        assert_equivalent(model, wrong, batch=2)
+    assert assert_equivalent(model, wrong, batch=2, outputs_only=True).ok
