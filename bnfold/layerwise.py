@@ -205,7 +205,7 @@ def producers(model: onnx.ModelProto) -> dict[str, str]:
 def tensor_bytes(sess, rows: int) -> tuple[dict[str, int], set[str]]:
     """Estimated bytes of each tensor output of onnxruntime session ``sess`` at ``rows`` samples.
 
-    The first symbolic dimension counts ``rows``; other unknown dimensions count 1, and the names
+    The first named (symbolic) dimension counts ``rows``; other unknown dimensions count 1, and the names
     of tensors with such dimensions (or no known shape) are returned as uncertain, to be measured.
     """
     sizes, uncertain = {}, set()
@@ -223,10 +223,10 @@ def tensor_bytes(sess, rows: int) -> tuple[dict[str, int], set[str]]:
         for dim in value.shape or []:
             if isinstance(dim, int):
                 count *= dim
-            elif not symbolic_seen:
+            elif isinstance(dim, str) and not symbolic_seen:  # a named dimension: the batch
                 count *= rows
                 symbolic_seen = True
-            else:
+            else:  # unknown (None) or a second named dimension
                 uncertain.add(value.name)
         sizes[value.name] = count * itemsize
     return sizes, uncertain

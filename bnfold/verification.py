@@ -54,6 +54,7 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.feeds import FeedPlan, input_bytes, plan_feeds, unify_inputs
+from bnfold.io.files import serialized_size
 from bnfold.layerwise import (
     TensorComparison,
     TensorStats,
@@ -516,7 +517,7 @@ class _Model:
         names = list(dict.fromkeys([*computed_tensors(self.model), *graph_outputs])) if layers else graph_outputs
         if not layers:
             self.sess = _session(self.model, self.label, threads)
-        elif self.model.ByteSize() < _COPY_LIMIT:
+        elif serialized_size(self.model) < _COPY_LIMIT:
             self.sess = _session(expose(self.model, names), self.label, threads)
         else:
             self.sess = _exposed_in_place(self.model, names, self.label, threads)
@@ -525,17 +526,24 @@ class _Model:
         self.order = [name for name in names if name in self.per_row]
 
     def check_deterministic(self, feeds: FeedPlan, budget: float, describe: Callable[[float], str]) -> None:
-        """Run the first samples (the whole batch when it cannot be split) twice; measure tensor sizes."""
-        rows = min(feeds.rows, _DETERMINISM_ROWS) if feeds.splittable else feeds.rows
-        sample = feeds.chunk(0, rows)
+        """Run the first samples (the whole batch when it cannot be split) twice; refuse if they differ."""
+        rows, sample = self._first_samples(feeds)
         plan = plan_runs(self.order, self.per_row, rows=rows, splittable=False, budget=budget, describe=describe)
         check_deterministic(self.sess, self.order, sample, self.label, groups=plan.groups)
-        # Tensors with dimensions onnxruntime does not know are measured on the same samples.
+
+    def measure(self, feeds: FeedPlan, budget: float, describe: Callable[[float], str]) -> None:
+        """Measure, on the first samples, the tensors whose dimensions onnxruntime does not know."""
+        rows, sample = self._first_samples(feeds)
         measure = [name for name in self.order if name in self.uncertain]
         for group in plan_runs(measure, self.per_row, rows=rows, splittable=False, budget=budget,
                                describe=describe).groups:
             for name, value in zip(group, _run(self.sess, group, sample, self.label)):
                 self.per_row[name] = max(self.per_row[name], np.asarray(value).nbytes / max(rows, 1))
+
+    @staticmethod
+    def _first_samples(feeds: FeedPlan) -> tuple[int, dict[str, np.ndarray]]:
+        rows = min(feeds.rows, _DETERMINISM_ROWS) if feeds.splittable else feeds.rows
+        return rows, feeds.chunk(0, rows)
 
 
 def _memory_message(label: str, feeds: FeedPlan, need_inputs: int, max_bytes: int) -> Callable[[float], str]:
@@ -620,9 +628,10 @@ def verify(reference: ModelLike, candidate: ModelLike,
     sides = [_Model(ref_model, ref_label), _Model(cand_model, cand_label)]
     for side in sides:
         side.open(not outputs_only, threads)
-    if check_determinism:
-        for side in sides:
+    for side in sides:
+        if check_determinism:
             side.check_deterministic(feeds, budget, describe)
+        side.measure(feeds, budget, describe)
     ref, cand = sides
     compared = [name for name in ref.order if name in cand.per_row]
     for name in shared:  # graph outputs that are graph inputs or non-tensors are compared as before

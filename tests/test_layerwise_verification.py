@@ -341,3 +341,30 @@ def test_assert_equivalent_checks_layer_by_layer_unless_told_otherwise() -> None
     with pytest.raises(AssertionError, match=f"first tensor 'bn{MIDDLE}_out'"):
         assert_equivalent(model, wrong, batch=2)
     assert assert_equivalent(model, wrong, batch=2, outputs_only=True).ok
+
+
+def test_tensors_of_unknown_size_are_measured_before_planning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnfold.verification as verification
+    from bnfold.layerwise import tensor_bytes
+    from bnfold.runtime import computed_tensors, expose, session
+
+    # NonZero's output is (2, number of positive elements): about 25 per sample of 50, unknown
+    # to onnxruntime in advance (estimated as 2 int64 per sample, 25 times too little).
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "zero"], ["positive"], name="greater"),
+         helper.make_node("NonZero", ["positive"], ["where"], name="nonzero"),
+         helper.make_node("Cast", ["where"], ["where_f"], name="cast", to=TensorProto.FLOAT),
+         helper.make_node("ReduceSum", ["where_f"], ["y"], name="sum", keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 50])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, uncertain = tensor_bytes(session(expose(model, computed_tensors(model)), "m"), 1)
+    assert {"where", "where_f"} <= uncertain and "positive" not in uncertain
+    # Inputs take 12,800 B; the rest of 36,000 B holds 64 samples by the estimates (about 300 B
+    # per sample with MEMORY_FACTOR) but about 8 by the measured sizes (about 2,600 B).
+    measured = verify(model, model, batch=64, max_bytes=36_000)
+    assert measured.ok and measured.batches > 4 and "where" in [item.name for item in measured.layers]
+    # Without the measurement the plan trusts the estimates: one batch of 64, over the limit.
+    monkeypatch.setattr(verification._Model, "measure", lambda self, *args: None)
+    assert verify(model, model, batch=64, max_bytes=36_000).batches == 1
