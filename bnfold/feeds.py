@@ -21,7 +21,7 @@ import numpy as np
 from bnfold.errors import BnfoldError
 from bnfold.runtime import InputSpec, concrete_shape, random_inputs
 
-__all__ = ["FeedPlan", "plan_feeds", "unify_inputs", "looks_like_parameter"]
+__all__ = ["FeedPlan", "input_bytes", "looks_like_parameter", "plan_feeds", "unify_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class FeedPlan:
         return {name: array[start:stop] if name in self.batched else array for name, array in self.feeds.items()}
 
     def describe(self) -> dict[str, dict[str, object]]:
+        """dtype and shape of every input, as the JSON report lists them."""
         return {name: {"dtype": array.dtype.name, "shape": list(array.shape)} for name, array in self.feeds.items()}
 
 

@@ -25,7 +25,10 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.runtime import default_tolerances, np_dtype
 
-__all__ = ["TensorComparison", "TensorStats", "Plan", "plan_runs", "producers", "tensor_bytes", "MEMORY_FACTOR"]
+__all__ = [
+    "MAX_ROWS", "MEMORY_FACTOR", "TARGET_BYTES", "Plan", "TensorComparison", "TensorStats", "plan_runs", "producers",
+    "tensor_bytes",
+]
 
 log = logging.getLogger(__name__)
 
