@@ -1,10 +1,13 @@
 """Convert an ONNX model file: load, fold BatchNormalization, verify, write (`bnfold convert`).
 
 The pipeline: load (`bnfold.io.load_model`), fold (`bnfold.folding.fold`), verify against the input
-in onnxruntime (`bnfold.verification.verify`, unless ``verify=False``), write OUT atomically. OUT is
-written only after verification passed, so a failed run never leaves OUT behind and never
-touches an existing OUT. When verification fails, the folds responsible are found by bisection
-(`bnfold.verification.find_culprits`, re-folding with ``exclude=``) and named; with
+in onnxruntime, layer by layer (`bnfold.verification.verify`, unless ``verify=False``), write OUT
+atomically. OUT is written only after verification passed, so a failed run never leaves OUT behind
+and never touches an existing OUT. When verification fails, the folds responsible are found
+starting from the first failing tensor: a folded node keeps its BN's output name, so that tensor
+names the fold; it is left unfolded and verification repeated until it passes. When the first
+failing tensor is not a fold's output (or with ``outputs_only``), bisection
+(`bnfold.verification.find_culprits`, re-folding with ``exclude=``) finds them. With
 ``keep_failing_unfolded=True`` the model is written with just those BNs left unfolded (verified).
 
 Models whose tensors were stored as external data, or that exceed protobuf's 2 GB limit, are
@@ -85,8 +88,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
             inline_functions: bool = False, inputs: str | os.PathLike | Mapping[str, Any] | None = None,
             rtol: float | None = None,
             atol: float | None = None, batch: int = 1, seed: int = 0, threads: int = 1,
-            max_bytes: int = 2 * 1024**3, pins: Mapping[str, Any] | None = None, strict: bool = False,
-            warn: Callable[[str], None] | None = None) -> ConvertResult:
+            max_bytes: int = 2 * 1024**3, outputs_only: bool = False, pins: Mapping[str, Any] | None = None,
+            strict: bool = False, warn: Callable[[str], None] | None = None) -> ConvertResult:
     """Fold the BatchNormalization nodes of the ONNX file `input_path` and write `output_path`.
 
     Parameters
@@ -110,8 +113,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         If verification fails, leave the BNs responsible unfolded and write the verified rest.
     json_path : path, optional
         Also write ``ConvertResult.data`` as JSON here (also when verification fails).
-    inputs, rtol, atol, batch, seed, threads, max_bytes :
-        Options of `bnfold.verification.verify`.
+    inputs, rtol, atol, batch, seed, threads, max_bytes, outputs_only :
+        Options of `bnfold.verification.verify` (layer by layer unless ``outputs_only``).
     strict : bool
         Treat the statistics flags that mean "wrong" (`bnfold.diagnosis.preflight`: never
         updated, invalid, batch statistics, not deterministic) as an error: `VerificationError`,
@@ -126,7 +129,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     Raises
     ------
     BnfoldError
-        Bad input, unsafe or unwritable paths (nothing written).
+        Bad input, unsafe or unwritable paths, IN or OUT not deterministic (nothing written).
     VerificationError
         OUT disagrees with IN (OUT not written; ``.report`` is the `VerifyReport`), or ``strict``
         and a statistics flag (``.report`` is None).
@@ -154,13 +157,15 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     verification = None
     if verify:
         options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
-                   "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}")}
+                   "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}"),
+                   "outputs_only": outputs_only}
         # Pinned switches: the reference is IN run with the pinned values (its own default otherwise).
         reference = _pinned_reference(model, pins)
         folded, report, verification = _verify(reference, folded, report, fold_options, options,
                                                keep_failing_unfolded, result)
         verification.reference, verification.candidate = str(source), str(out)
-        result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok)
+        result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok,
+                      verification_summary=verification.summary())
     verify_done = time.perf_counter()
     result.update({
         "bn_folded": report.folded,
@@ -285,20 +290,61 @@ def _fold(model: onnx.ModelProto, options: dict[str, Any], exclude: frozenset[st
     return fold_module.fold(model, exclude=exclude, **options)
 
 
-def _localize(model: onnx.ModelProto, report: Any, fold_options: dict[str, Any],
-              verify_options: dict[str, Any]) -> list[str] | None:
-    """Names of the BN folds that make verification fail, or None if they cannot be told apart."""
+def _localize(model: onnx.ModelProto, folded: onnx.ModelProto, report: Any, fold_options: dict[str, Any],
+              verify_options: dict[str, Any], verification: Any) -> list[str] | None:
+    """Names of the BN folds that make verification fail, or None if they cannot be told apart.
+
+    Starts from ``verification``'s first failing tensor: the fold whose BN output it is (or whose
+    folded node produces it) is blamed, the model refolded without it and verified again, until
+    verification passes. When a failing tensor names no fold, bisection over the remaining folds
+    takes over.
+    """
     from bnfold.verification import find_culprits, verify
 
     changed = [entry.bn for entry in report.entries if entry.status != "kept"]
     if not changed or len(set(changed)) != len(changed) or not all(changed):
         return None
+    options = {**verify_options, "check_determinism": False}  # both models already passed that check
+    by_tensor = _folds_by_tensor(model, folded, report)
+    culprits: list[str] = []
+    current = verification
+    while current.first_failure is not None:
+        first = current.first_failure
+        blamed = by_tensor.get(first.name)
+        if blamed is None or blamed in culprits:
+            break
+        culprits.append(blamed)
+        candidate, _ = _fold(model, fold_options, frozenset(culprits))
+        current = verify(model, candidate, **options)
+    if current.ok:
+        return culprits
+    rest = [name for name in changed if name not in culprits]
 
     def fails(subset: frozenset[str]) -> bool:
-        candidate, _ = _fold(model, fold_options, frozenset(changed) - subset)
-        return not verify(model, candidate, **verify_options).ok
+        candidate, _ = _fold(model, fold_options, frozenset(changed) - subset | frozenset(culprits))
+        return not verify(model, candidate, **options).ok
 
-    return find_culprits(changed, fails) or None
+    found = culprits + find_culprits(rest, fails)
+    return [name for name in changed if name in found] or None
+
+
+def _folds_by_tensor(model: onnx.ModelProto, folded: onnx.ModelProto, report: Any) -> dict[str, str]:
+    """Tensor name -> the BN whose fold computes it: the BN's output in IN, the outputs of the node
+    it was folded into in OUT, and the renamed tensors of its tensor map (main graph only)."""
+    bn_outputs = {node.name: node.output[0] for node in model.graph.node if node.name and node.output}
+    folded_outputs = {node.name: list(node.output) for node in folded.graph.node if node.name}
+    found: dict[str, str] = {}
+    for entry in report.entries:
+        if entry.status == "kept" or entry.graph not in ("", "main"):
+            continue
+        if entry.bn in bn_outputs:
+            found.setdefault(bn_outputs[entry.bn], entry.bn)
+        for name in folded_outputs.get(entry.into or "", []):
+            found.setdefault(name, entry.bn)
+        for news in entry.tensor_map.values():  # each original -> every new tensor computed from it
+            for new in news:
+                found.setdefault(new, entry.bn)
+    return found
 
 
 def _describe(report: Any, names: list[str]) -> str:
@@ -365,8 +411,8 @@ def _summary_lines(result: dict[str, Any], report: Any, *, verbose: bool = False
     if verification is None:
         lines.append("verification skipped (--no-verify)")
     else:
-        lines.append(f"max abs error {result['max_abs_error']:.3g} (onnxruntime, graph optimizations disabled): "
-                     + ("equivalent" if verification["ok"] else "NOT equivalent"))
+        how = "layer by layer" if verification["mode"] == "layers" else "outputs only"
+        lines.append(f"verified {how} (onnxruntime, graph optimizations disabled): {result['verification_summary']}")
     lines.append(f"time {result['timing_s']['total']:.2f} s")
     return lines
 
@@ -392,11 +438,11 @@ def _verify(model: onnx.ModelProto, folded: onnx.ModelProto, report: Any, fold_o
     verification = verify(model, folded, **verify_options)
     if verification.ok:
         return folded, report, verification
-    culprits = _localize(model, report, fold_options, verify_options) or []
+    culprits = _localize(model, folded, report, fold_options, verify_options, verification) or []
     result["culprits"] = culprits
     if culprits and keep_failing_unfolded:
         retry, retry_report = _fold(model, fold_options, frozenset(culprits))
-        retry_verification = verify(model, retry, **verify_options)
+        retry_verification = verify(model, retry, **verify_options, check_determinism=False)
         if retry_verification.ok:
             result["kept_unfolded"] = culprits
             return retry, retry_report, retry_verification

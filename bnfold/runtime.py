@@ -9,13 +9,18 @@
   run returns them (layer-by-layer comparison, statistics of BN inputs, where samples mix).
 - `InputSpec` / `feed_inputs` / `random_inputs`: the inputs a model must be fed, and random
   values for them.
+- `computed_tensors`: every tensor the main graph computes, in topological order.
+- `first_nondeterministic` / `check_deterministic`: run a session twice on the same input and find
+  the first tensor whose two values differ (Dropout or random ops left in training mode).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +31,9 @@ from google.protobuf.message import EncodeError
 from bnfold.errors import BnfoldError
 
 __all__ = [
-    "InputSpec", "ModelLike", "concrete_shape", "expose", "feed_inputs", "first_line", "load", "np_dtype",
-    "random_inputs", "run", "session",
+    "InputSpec", "ModelLike", "check_deterministic", "computed_tensors", "concrete_shape", "default_tolerances",
+    "expose", "feed_inputs", "first_line", "first_nondeterministic", "load", "np_dtype", "random_inputs", "run",
+    "session", "within_tolerance",
 ]
 
 ModelLike = onnx.ModelProto | str | os.PathLike
@@ -183,3 +189,132 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
             value.name = name
     return exposed
 
+
+
+# dtype name -> default (rtol, atol); atol = rtol / 100 (see bnfold.verification's docstring).
+_DEFAULT_TOLERANCES = {
+    "float64": (1e-9, 1e-11),
+    "float32": (1e-4, 1e-6),
+    "float16": (1e-2, 1e-4),
+    "bfloat16": (1e-2, 1e-4),
+}
+
+
+def default_tolerances(dtype: np.dtype | str) -> tuple[float, float]:
+    """Return the default ``(rtol, atol)`` for tensors of ``dtype`` (exact, ``(0, 0)``, for non-floats)."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    return _DEFAULT_TOLERANCES.get(name, (0.0, 0.0))
+
+
+def within_tolerance(a: np.ndarray, b: np.ndarray, rtol: float | None = None, atol: float | None = None) -> bool:
+    """``max|a - b| <= atol + rtol * max|a|`` (dtype defaults), NaN and infinities in the same places.
+
+    The quick form of the verification bound, with no statistics: shapes and dtypes must match,
+    integers and bools exactly.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    default_rtol, default_atol = default_tolerances(a.dtype)
+    if default_rtol == 0.0:
+        return bool(np.array_equal(a, b))
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    if a.size == 0:
+        return True
+    if a.dtype.itemsize < 4:  # float16 / bfloat16: compute in float32
+        a, b = a.astype(np.float32), b.astype(np.float32)
+    # Fast path in the arrays' own dtype (a - b rounds at 2**-24 relative in float32, far below
+    # any tolerance); NaN or infinities anywhere take the float64 path below.
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: handled below
+        diff = np.subtract(a, b)
+    max_abs = float(max(diff.max(), -diff.min()))
+    scale = float(max(a.max(), -a.min()))
+    if math.isfinite(max_abs) and math.isfinite(scale):
+        return max_abs <= atol + rtol * scale
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    finite = np.isfinite(a64)
+    # Non-finite values (NaN, +-inf) must sit in the same places with the same value.
+    if not np.array_equal(np.where(finite, 0.0, a64), np.where(np.isfinite(b64), 0.0, b64), equal_nan=True):
+        return False
+    if not finite.any():
+        return True
+    return float(np.max(np.abs(a64[finite] - b64[finite]))) <= atol + rtol * float(np.max(np.abs(a64[finite])))
+
+
+def computed_tensors(model: onnx.ModelProto) -> list[str]:
+    """Names of the tensors the main graph's nodes compute, in topological order.
+
+    ONNX requires nodes to be listed in topological order, but not every file honours it; the
+    order here is a stable topological sort (graph order among nodes that are ready). Empty
+    (omitted optional) outputs are left out; subgraph tensors are not listed.
+    """
+    graph = model.graph
+    produced_by = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    waiting: dict[int, set[int]] = {}
+    users: dict[int, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        needs = {produced_by[name] for name in node.input if name in produced_by and produced_by[name] != index}
+        waiting[index] = needs
+        for producer in needs:
+            users.setdefault(producer, []).append(index)
+    ready = [index for index, needs in waiting.items() if not needs]
+    heapq.heapify(ready)
+    names: list[str] = []
+    seen: set[str] = set()
+    while ready:
+        index = heapq.heappop(ready)
+        for name in graph.node[index].output:
+            if name and name not in seen:
+                seen.add(name)
+                names.append(name)
+        for user in users.get(index, []):
+            waiting[user].discard(index)
+            if not waiting[user]:
+                heapq.heappush(ready, user)
+    # Nodes in a cycle (an invalid graph onnxruntime will refuse anyway) keep their graph order.
+    names += [name for node in graph.node for name in node.output if name and name not in seen]
+    return list(dict.fromkeys(names))
+
+
+def first_nondeterministic(sess, names: Sequence[str], feeds: Mapping[str, np.ndarray], label: str, *,
+                           groups: Sequence[Sequence[str]] | None = None) -> str | None:
+    """Run ``sess`` twice on the same ``feeds``; the first of ``names`` whose two values differ, or None.
+
+    ``sess`` is a `session` of a model that outputs ``names`` (see `expose` and
+    `computed_tensors`). Two values differ when they fail `within_tolerance` with the dtype's
+    default tolerances: a deterministic run repeats itself bit for bit, but a run on several
+    threads may sum in another order, and such differences are far below the tolerance, while
+    Dropout or a random op changes values by their own size. ``groups`` splits ``names`` into
+    runs that each request one group (to bound memory); by default one run requests them all.
+
+    Returns
+    -------
+    str or None
+        The first differing tensor in the order of ``names``, None when the two runs agree.
+    """
+    for group in groups if groups is not None else [list(names)]:
+        group = list(group)
+        if not group:
+            continue
+        first = run(sess, group, dict(feeds), label)
+        second = run(sess, group, dict(feeds), label)
+        for name, a, b in zip(group, first, second):
+            if not within_tolerance(a, b):
+                return name
+    return None
+
+
+def check_deterministic(sess, names: Sequence[str], feeds: Mapping[str, np.ndarray], label: str, *,
+                        groups: Sequence[Sequence[str]] | None = None) -> None:
+    """Raise `BnfoldError` when `first_nondeterministic` finds a tensor: the model cannot be a reference.
+
+    The message: ``LABEL is not deterministic: two runs on the same input differ at 'TENSOR'
+    (Dropout or random ops in training mode? export in inference mode)``.
+    """
+    name = first_nondeterministic(sess, names, feeds, label, groups=groups)
+    if name is not None:
+        raise BnfoldError(
+            f"{label} is not deterministic: two runs on the same input differ at '{name}'"
+            " (Dropout or random ops in training mode? export in inference mode)"
+        )

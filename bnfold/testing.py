@@ -26,18 +26,21 @@ def assert_equivalent(reference: onnx.ModelProto | str | os.PathLike,
                       candidate: onnx.ModelProto | str | os.PathLike,
                       inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
                       **options: Any) -> VerifyReport:
-    """Assert that ``candidate`` computes the same outputs as ``reference`` in onnxruntime.
+    """Assert that ``candidate`` computes the same tensors as ``reference`` in onnxruntime.
 
     Runs `bnfold.verification.verify` (same keyword options: ``rtol``, ``atol``, ``batch``, ``seed``,
-    ``threads``, ``max_bytes``) and returns its report when every shared output is within
-    tolerance.
+    ``threads``, ``max_bytes``, ``outputs_only``) and returns its report when every tensor both
+    models compute under the same name (layer by layer; the outputs alone with
+    ``outputs_only=True``) is within tolerance.
 
     Raises
     ------
     AssertionError
-        With the report's lines (one per output, then the verdict) when the models differ.
+        With the report's lines (outputs, the first tensor that exceeds, the verdict) when the
+        models differ.
     bnfold.BnfoldError
-        When the models cannot be compared (unreadable, different inputs, no shared output).
+        When the models cannot be compared (unreadable, different inputs, no shared output, or a
+        model whose two runs on the same input differ).
     """
     report = verify(reference, candidate, inputs, **options)
     if not report.ok:

@@ -1,21 +1,32 @@
-"""Equivalence of two ONNX models, checked by running both in onnxruntime.
+"""Equivalence of two ONNX models, checked by running both in onnxruntime, layer by layer.
 
 Both models run with graph optimizations DISABLED: onnxruntime's own fusions (Conv+BN, MatMul+BN,
 ...) would otherwise rewrite the reference into something close to the candidate and hide what
-the files contain. They get the same inputs: random, drawn from a seeded
-`numpy.random.Generator` according to the graph's input shapes and dtypes (symbolic or unknown
-dimensions take the size ``batch``), or the user's own arrays.
+the files contain, and its optimizer removes Dropout. They get the same inputs: random, drawn
+from a seeded `numpy.random.Generator` according to the graph's input shapes and dtypes
+(symbolic or unknown dimensions take the size ``batch``), or the user's own arrays; many samples
+stream through one session per model in batches (`bnfold.feeds`).
 
-Verdict, per output shared by name (reference ``a``, candidate ``b``)::
+What is compared: by default every tensor both models compute under the same name, in the
+reference's topological order (`bnfold.layerwise`): a folded node keeps the output name of the BN
+it absorbed, so each fold is checked where it happens. A network whose outputs barely depend on
+a middle layer would otherwise pass with that layer wrong. ``outputs_only=True`` compares the
+graph outputs alone.
+
+Before any verdict, each model runs twice on the same input: a model whose two runs differ
+(Dropout or random ops exported in training mode) cannot serve as a reference, and verification
+refuses it (`BnfoldError`).
+
+Verdict, per tensor shared by name (reference ``a``, candidate ``b``)::
 
     ok  <=>  max|a - b| <= atol + rtol * max|a|
 
 The bound is scale-aware: a network whose outputs are around 1e5 is judged relative to that
-scale. As information, the report also counts the elements with ``|a - b| > atol + rtol * |a|``.
+scale. For outputs, the JSON report also counts the elements with ``|a - b| > atol + rtol * |a|``.
 NaN in both at the same place is equal; NaN in only one is a failure; equal infinities are equal.
-Integer and bool outputs must match exactly.
+Integer and bool tensors must match exactly.
 
-Default tolerances by the reference output's dtype (``atol`` is ``rtol / 100``, so that it scales
+Default tolerances by the reference tensor's dtype (``atol`` is ``rtol / 100``, so that it scales
 with the precision of the dtype the same way ``rtol`` does):
 
 =================  ========  ========
@@ -34,6 +45,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,10 +53,21 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.feeds import FeedPlan, input_bytes, plan_feeds, unify_inputs
+from bnfold.io.files import serialized_size
+from bnfold.layerwise import (
+    TensorComparison,
+    TensorStats,
+    plan_runs,
+    producers,
+    tensor_bytes,
+)
 from bnfold.runtime import (
-    InputSpec,
     ModelLike,
-    concrete_shape,
+    check_deterministic,
+    computed_tensors,
+    default_tolerances,
+    expose,
     feed_inputs,
     np_dtype,
     random_inputs,
@@ -56,6 +79,7 @@ from bnfold.runtime import session as _session
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "OutputComparison",
+    "TensorComparison",
     "VerifyReport",
     "default_tolerances",
     "compare_arrays",
@@ -68,21 +92,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
-"""Default cap on the memory that verification may allocate for inputs and outputs (2 GiB)."""
-
-# dtype name -> default (rtol, atol); atol = rtol / 100 (see the module docstring).
-_DEFAULT_TOLERANCES = {
-    "float64": (1e-9, 1e-11),
-    "float32": (1e-4, 1e-6),
-    "float16": (1e-2, 1e-4),
-    "bfloat16": (1e-2, 1e-4),
-}
-
-
-def default_tolerances(dtype: np.dtype | str) -> tuple[float, float]:
-    """Return the default ``(rtol, atol)`` for outputs of ``dtype`` (exact for non-floats)."""
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    return _DEFAULT_TOLERANCES.get(name, (0.0, 0.0))
+"""Default cap on the memory that verification may allocate for inputs and compared tensors (2 GiB)."""
 
 
 @dataclass
@@ -110,8 +120,16 @@ class OutputComparison:
     ok: bool
     reason: str | None = None
 
+    @property
+    def rel(self) -> float:
+        """``max_abs / scale``: the error relative to the output's scale, which the verdict bounds by rtol."""
+        return self.max_abs / self.scale if self.scale > 0 else self.max_abs
+
     def line(self) -> str:
-        """One human-readable line: ``logits (float32, 1x10): max abs 2.4e-07 <= tol 1.0e-05 ok``."""
+        """One human-readable line: ``output 'y' (float32, 1x10): max abs error 2.4e-07 <= tol ...: ok``.
+
+        The elementwise count (``n_exceed``) is in the JSON report only: the verdict does not use it.
+        """
         shape = "x".join(str(d) for d in self.shape) or "scalar"
         head = f"output '{self.name}' ({self.dtype}, {shape}): "
         if self.reason is not None:
@@ -121,17 +139,45 @@ class OutputComparison:
         text = (
             f"max abs error {self.max_abs:.3g} {relation} tol {self.tol:.3g}"
             f" (atol {self.atol:.3g} + rtol {self.rtol:.3g} * max|ref| {self.scale:.3g}),"
-            f" max rel error {self.max_rel:.3g}, {self.n_exceed} of {self.size} elements exceed"
-            f" the elementwise bound"
+            f" relative error {self.rel:.3g}"
         )
         if self.nan_mismatch:
             text += f", {self.nan_mismatch} NaN in only one model"
         return head + text + f": {verdict}"
 
 
+def merge_comparisons(parts: Sequence[OutputComparison], rows: int | None = None) -> OutputComparison:
+    """One `OutputComparison` from those of successive batches of the same output.
+
+    Maxima and counts combine; the tolerance is recomputed from the overall scale. ``rows`` (the
+    total number of samples) replaces axis 0 of the shape when every batch had its rows there.
+    """
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    scale = max(part.scale for part in parts)
+    max_abs = max(part.max_abs for part in parts)
+    tol = first.atol + first.rtol * scale
+    nan_mismatch = sum(part.nan_mismatch for part in parts)
+    reason = next((part.reason for part in parts if part.reason is not None), None)
+    shape = first.shape
+    if rows is not None and shape:
+        shape = (rows, *shape[1:])
+    ok = reason is None and nan_mismatch == 0 and max_abs <= tol
+    return OutputComparison(name=first.name, dtype=first.dtype, shape=shape, max_abs=max_abs,
+                            max_rel=max(part.max_rel for part in parts), scale=scale, rtol=first.rtol,
+                            atol=first.atol, tol=tol, n_exceed=sum(part.n_exceed for part in parts),
+                            size=sum(part.size for part in parts), nan_mismatch=nan_mismatch, ok=ok, reason=reason)
+
+
 @dataclass
 class VerifyReport:
-    """Result of `verify`: one `OutputComparison` per output both models share."""
+    """Result of `verify`.
+
+    ``outputs`` has one `OutputComparison` per graph output both models share; ``layers`` one
+    `TensorComparison` per tensor compared (intermediate tensors and outputs, in topological
+    order; outputs only with ``mode == "outputs"``). ``ok`` needs every one within tolerance.
+    """
 
     reference: str
     candidate: str
@@ -142,11 +188,21 @@ class VerifyReport:
     batch: int
     only_in_reference: list[str] = field(default_factory=list)
     only_in_candidate: list[str] = field(default_factory=list)
+    layers: list[TensorComparison] = field(default_factory=list)
+    mode: str = "layers"
+    samples: int = 0
+    batches: int = 1
+    batch_rows: int = 0
+    groups: int = 1
+    random_inputs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    deterministic_checked: bool = True
 
     @property
     def ok(self) -> bool:
-        """True when every shared output is within tolerance."""
-        return all(item.ok for item in self.outputs)
+        """True when every shared output and every compared tensor is within tolerance."""
+        return all(item.ok for item in self.outputs) and all(item.ok for item in self.layers)
 
     @property
     def max_abs(self) -> float:
@@ -157,28 +213,79 @@ class VerifyReport:
         """The outputs that are not within tolerance."""
         return [item for item in self.outputs if not item.ok]
 
+    def failed_tensors(self) -> list[TensorComparison]:
+        """The compared tensors that are not within tolerance, in topological order."""
+        return [item for item in self.layers if not item.ok]
+
+    @property
+    def first_failure(self) -> TensorComparison | None:
+        """The first tensor, in topological order, that exceeds its bound (None when all pass)."""
+        return next((item for item in self.layers if not item.ok), None)
+
+    def worst(self) -> TensorComparison | None:
+        """The compared tensor that uses the largest share of its tolerance."""
+        def share(item: TensorComparison) -> float:
+            if item.reason is not None or item.nan_mismatch:
+                return math.inf
+            return item.max_abs / item.tol if item.tol > 0 else (math.inf if item.max_abs > 0 else 0.0)
+
+        return max(self.layers, key=share, default=None)
+
+    def _inputs_line(self) -> str:
+        described = ", ".join(
+            f"'{name}' ({info['dtype']}, {'x'.join(str(d) for d in info['shape']) or 'scalar'})"
+            for name, info in self.inputs.items())
+        if self.input_source == "random":
+            return f"inputs: random values (seed {self.seed}, floats ~ N(0, 1)) for every input: {described}"
+        return f"inputs: from {self.input_source}: {described}"
+
+    def counts_line(self) -> str:
+        n_out = sum(1 for item in self.layers if item.output)
+        if self.mode == "layers":
+            what = f"{_plural(len(self.layers), 'tensor')} layer by layer ({_plural(n_out, 'output')})"
+        else:
+            what = f"{_plural(n_out, 'output')} only (--outputs-only)"
+        batches = f"{_plural(self.batches, 'batch', 'batches')} of up to {self.batch_rows}"
+        groups = f", {self.groups} groups of tensors per batch" if self.groups > 1 else ""
+        return f"compared {what} on {_plural(self.samples, 'sample')} ({batches}{groups})"
+
     def lines(self) -> list[str]:
-        """Human-readable report, one line per output, then the overall verdict."""
-        source = f"random inputs (seed {self.seed}, batch {self.batch})"
-        if self.input_source != "random":
-            source = f"inputs from {self.input_source}"
+        """Human-readable report: models, inputs, outputs, counts, the first failing tensor, verdict."""
+        how = "layer by layer" if self.mode == "layers" else "outputs only"
         out = [f"verified '{self.candidate}' against '{self.reference}' with onnxruntime"
-               f" (graph optimizations disabled) on {source}"]
+               f" (graph optimizations disabled), {how}", self._inputs_line()]
+        out += [f"note: {note}" for note in self.notes]
+        out += [f"warning: {warning}" for warning in self.warnings]
         out += [item.line() for item in self.outputs]
         for name in self.only_in_reference:
             out.append(f"output '{name}' only in the reference: not compared")
         for name in self.only_in_candidate:
             out.append(f"output '{name}' only in the candidate: not compared")
-        failed = len(self.failed())
-        out.append("equivalent" if self.ok else f"NOT equivalent: {failed} of {len(self.outputs)} outputs differ")
+        out.append(self.counts_line())
+        first = self.first_failure
+        if first is None:
+            out.append(self.summary())
+        else:
+            out.append(f"first {first.line()}")
+            out.append(f"NOT equivalent: {self._failed_counts()}; the first is '{first.name}'")
         return out
 
+    def _failed_counts(self) -> str:
+        return (f"{len(self.failed_tensors())} of {_plural(len(self.layers), 'tensor')} exceed"
+                f" ({len(self.failed())} of {_plural(len(self.outputs), 'output')})")
+
     def summary(self) -> str:
-        """One line: the verdict and the worst output."""
-        if self.ok:
-            return f"equivalent (max abs error {self.max_abs:.3g} over {len(self.outputs)} outputs)"
-        failed = self.failed()
-        return f"{len(failed)} of {len(self.outputs)} outputs differ; {failed[0].line()}"
+        """One line: the verdict, the first failing tensor or the worst one, with relative error and tolerance."""
+        total = len(self.layers)
+        first = self.first_failure
+        if first is None:
+            worst = self.worst()
+            if worst is None:
+                return "equivalent"
+            return (f"equivalent: {_plural(total, 'tensor')} within tolerance; closest to its bound"
+                    f" '{worst.name}': {_error_text(worst)}")
+        return (f"NOT equivalent: {self._failed_counts()}; first '{first.name}' ({first.reference_node} in the"
+                f" reference, {first.candidate_node} in the candidate): {_error_text(first)}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (floats that are inf/NaN become strings)."""
@@ -186,23 +293,52 @@ class VerifyReport:
         for item in self.outputs:
             entry = asdict(item)
             entry["shape"] = list(item.shape)
-            for key in ("max_abs", "max_rel", "scale", "tol"):
+            entry["rel"] = item.rel
+            for key in ("max_abs", "max_rel", "scale", "tol", "rel"):
                 entry[key] = _json_float(entry[key])
             outputs.append(entry)
+        first = self.first_failure
         return {
             "ok": self.ok,
             "reference": self.reference,
             "candidate": self.candidate,
             "runtime": "onnxruntime",
             "graph_optimizations": "disabled",
+            "mode": self.mode,
+            "deterministic_checked": self.deterministic_checked,
             "input_source": self.input_source,
             "seed": self.seed,
             "batch": self.batch,
+            "samples": self.samples,
+            "batches": self.batches,
+            "batch_rows": self.batch_rows,
+            "tensor_groups": self.groups,
             "inputs": self.inputs,
+            "random_inputs": list(self.random_inputs),
+            "notes": list(self.notes),
+            "warnings": list(self.warnings),
             "outputs": outputs,
+            "tensors_compared": len(self.layers),
+            "first_failing_tensor": None if first is None else first.name,
+            "tensors": [item.to_dict() for item in self.layers],
             "only_in_reference": list(self.only_in_reference),
             "only_in_candidate": list(self.only_in_candidate),
         }
+
+
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else (plural or word + 's')}"
+
+
+def _error_text(item: TensorComparison) -> str:
+    if item.reason is not None:
+        return item.reason
+    relation = "<=" if item.max_abs <= item.tol else ">"
+    text = (f"max abs error {item.max_abs:.3g} (relative {item.rel:.3g} of max|ref| {item.scale:.3g})"
+            f" {relation} tol {item.tol:.3g} (rtol {item.rtol:.3g}, atol {item.atol:.3g})")
+    if item.nan_mismatch:
+        text += f", {item.nan_mismatch} NaN in only one model"
+    return text
 
 
 def _json_float(value: float) -> float | str:
@@ -282,71 +418,6 @@ def _compare_float(a: np.ndarray, b: np.ndarray, rtol: float, atol: float,
                   nan_mismatch=nan_mismatch)
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-def _unify_inputs(ref: list[InputSpec], cand: list[InputSpec], ref_label: str,
-                  cand_label: str) -> list[InputSpec]:
-    ref_names = [spec.name for spec in ref]
-    cand_by_name = {spec.name: spec for spec in cand}
-    if set(ref_names) != set(cand_by_name):
-        raise BnfoldError(
-            f"{cand_label} has inputs {sorted(cand_by_name)} but {ref_label} has {sorted(ref_names)};"
-            " both models must take the same inputs"
-        )
-    unified = []
-    for spec in ref:
-        other = cand_by_name[spec.name]
-        if other.dtype != spec.dtype:
-            raise BnfoldError(
-                f"input '{spec.name}' is {other.dtype.name} in {cand_label} but {spec.dtype.name}"
-                f" in {ref_label}"
-            )
-        if len(other.dims) != len(spec.dims):
-            raise BnfoldError(
-                f"input '{spec.name}' has rank {len(other.dims)} in {cand_label} but"
-                f" {len(spec.dims)} in {ref_label}"
-            )
-        dims = []
-        for mine, theirs in zip(spec.dims, other.dims):
-            if isinstance(mine, int) and isinstance(theirs, int) and mine != theirs:
-                raise BnfoldError(
-                    f"input '{spec.name}' has shape {list(other.dims)} in {cand_label} but"
-                    f" {list(spec.dims)} in {ref_label}"
-                )
-            dims.append(mine if isinstance(mine, int) else theirs)
-        unified.append(InputSpec(spec.name, spec.dtype, tuple(dims)))
-    return unified
-
-
-def _check_user_inputs(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec],
-                       source: str) -> dict[str, np.ndarray]:
-    by_name = {spec.name: spec for spec in specs}
-    extra = sorted(set(arrays) - set(by_name))
-    if extra:
-        raise BnfoldError(f"{source}: array '{extra[0]}' is not an input of the model (inputs: {sorted(by_name)})")
-    missing = sorted(set(by_name) - set(arrays))
-    if missing:
-        raise BnfoldError(f"{source}: no array for model input '{missing[0]}' (inputs: {sorted(by_name)})")
-    checked = {}
-    for name, spec in by_name.items():
-        array = np.asarray(arrays[name])
-        if array.dtype != spec.dtype:
-            raise BnfoldError(
-                f"{source}: array '{name}' has dtype {array.dtype.name}, the model input expects"
-                f" {spec.dtype.name}"
-            )
-        fixed_ok = all(not isinstance(dim, int) or dim == size for dim, size in zip(spec.dims, array.shape))
-        if array.ndim != len(spec.dims) or not fixed_ok:
-            expected = ["?" if not isinstance(d, int) else d for d in spec.dims]
-            raise BnfoldError(
-                f"{source}: array '{name}' has shape {list(array.shape)}, the model input expects"
-                f" {expected}"
-            )
-        checked[name] = array
-    return checked
-
-
 # ----------------------------------------------------------------------------- memory
 
 
@@ -405,12 +476,93 @@ def _check_options(batch: int, threads: int, rtol: float | None, atol: float | N
             raise BnfoldError(f"{label} must be a finite number >= 0, got {value}")
 
 
+# Samples run twice to check determinism: two, so that a BN in training mode sees a batch with
+# a spread (one sample would make it output beta alone) while the check stays a small share of
+# the time.
+_DETERMINISM_ROWS = 2
+
+
+# Models larger than this are not copied to expose their tensors (a second copy of several GB of
+# weights): the outputs are added to the model for the time it takes to create the session.
+_COPY_LIMIT = 256 * 1024**2
+
+
+def _exposed_in_place(model: onnx.ModelProto, names: Sequence[str], label: str, threads: int) -> Any:
+    """A session of ``model`` also outputting ``names``; ``model`` is left as it was."""
+    before = len(model.graph.output)
+    present = {value.name for value in model.graph.output}
+    try:
+        for name in names:
+            if name not in present:
+                present.add(name)
+                model.graph.output.add().name = name
+        return _session(model, label, threads)
+    finally:
+        del model.graph.output[before:]
+
+
+@dataclass
+class _Model:
+    """One side of the comparison: its model, label, session and the tensors the session outputs."""
+
+    model: onnx.ModelProto
+    label: str
+    sess: Any = None
+    order: list[str] = field(default_factory=list)  # tensor-typed outputs of the session, topological
+    per_row: dict[str, float] = field(default_factory=dict)
+    uncertain: set[str] = field(default_factory=set)  # tensors whose size onnxruntime does not know
+
+    def open(self, layers: bool, threads: int) -> None:
+        graph_outputs = [value.name for value in self.model.graph.output]
+        names = list(dict.fromkeys([*computed_tensors(self.model), *graph_outputs])) if layers else graph_outputs
+        if not layers:
+            self.sess = _session(self.model, self.label, threads)
+        elif serialized_size(self.model) < _COPY_LIMIT:
+            self.sess = _session(expose(self.model, names), self.label, threads)
+        else:
+            self.sess = _exposed_in_place(self.model, names, self.label, threads)
+        sizes, self.uncertain = tensor_bytes(self.sess, 1)
+        self.per_row = {name: float(size) for name, size in sizes.items()}
+        self.order = [name for name in names if name in self.per_row]
+
+    def check_deterministic(self, feeds: FeedPlan, budget: float, describe: Callable[[float], str]) -> None:
+        """Run the first samples (the whole batch when it cannot be split) twice; refuse if they differ."""
+        rows, sample = self._first_samples(feeds)
+        plan = plan_runs(self.order, self.per_row, rows=rows, splittable=False, budget=budget, describe=describe)
+        check_deterministic(self.sess, self.order, sample, self.label, groups=plan.groups)
+
+    def measure(self, feeds: FeedPlan, budget: float, describe: Callable[[float], str]) -> None:
+        """Measure, on the first samples, the tensors whose dimensions onnxruntime does not know."""
+        rows, sample = self._first_samples(feeds)
+        measure = [name for name in self.order if name in self.uncertain]
+        for group in plan_runs(measure, self.per_row, rows=rows, splittable=False, budget=budget,
+                               describe=describe).groups:
+            for name, value in zip(group, _run(self.sess, group, sample, self.label)):
+                self.per_row[name] = max(self.per_row[name], np.asarray(value).nbytes / max(rows, 1))
+
+    @staticmethod
+    def _first_samples(feeds: FeedPlan) -> tuple[int, dict[str, np.ndarray]]:
+        rows = min(feeds.rows, _DETERMINISM_ROWS) if feeds.splittable else feeds.rows
+        return rows, feeds.chunk(0, rows)
+
+
+def _memory_message(label: str, feeds: FeedPlan, need_inputs: int, max_bytes: int) -> Callable[[float], str]:
+    def describe(need: float) -> str:
+        shapes = ", ".join(f"'{name}' {list(array.shape)}" for name, array in list(feeds.feeds.items())[:3])
+        return (f"{label}: verification would need about {_human(need_inputs + need)} for inputs ({shapes}) and"
+                f" compared tensors (limit {_human(max_bytes)}); lower --batch or raise --max-memory"
+                " (or use --outputs-only)")
+
+    return describe
+
+
 def verify(reference: ModelLike, candidate: ModelLike,
            inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None, *,
            rtol: float | None = None, atol: float | None = None, batch: int = 1, seed: int = 0,
            threads: int = 1, max_bytes: int = DEFAULT_MAX_BYTES,
-           names: tuple[str, str] | None = None) -> VerifyReport:
-    """Run ``reference`` and ``candidate`` in onnxruntime on the same inputs and compare outputs.
+           names: tuple[str, str] | None = None, outputs_only: bool = False,
+           check_determinism: bool = True) -> VerifyReport:
+    """Run ``reference`` and ``candidate`` in onnxruntime on the same inputs and compare them layer by layer.
 
     Parameters
     ----------
@@ -419,34 +571,41 @@ def verify(reference: ModelLike, candidate: ModelLike,
     inputs
         Arrays by graph input name, or the path of an ``.npz`` file holding them; None draws
         random inputs from ``numpy.random.default_rng(seed)`` with symbolic dims set to ``batch``.
+        Samples (axis 0 of the inputs whose axis 0 is symbolic) are fed in batches.
     rtol, atol
-        Override the dtype defaults (module docstring) for every floating-point output.
+        Override the dtype defaults (module docstring) for every floating-point tensor.
     threads
         onnxruntime intra-op and inter-op thread count.
     max_bytes
-        Refuse (`BnfoldError`) when inputs plus outputs would need more memory than this.
+        Keep inputs plus compared tensors under this many bytes (tensors are requested in groups
+        and samples fed in batches); refuse (`BnfoldError`) when that is impossible.
     names
         How reports and errors call the two models (default: their paths, or "reference model"
         and "candidate model" for in-memory models).
+    outputs_only
+        Compare the graph outputs only (the intermediate tensors are not requested).
+    check_determinism
+        Run each model twice on the first sample and refuse one whose runs differ.
 
     Returns
     -------
     VerifyReport
-        ``.ok`` is True when every output the two models share is within tolerance.
+        ``.ok`` is True when every tensor compared is within tolerance.
 
     Raises
     ------
     BnfoldError
-        When the models cannot be loaded or run, share no output, take different inputs, or the
-        given inputs do not match the model.
+        When the models cannot be loaded or run, share no output, take different inputs, the
+        given inputs do not match the model, memory does not suffice, or a model is not
+        deterministic (two runs on the same input differ).
     """
     _check_options(batch, threads, rtol, atol, max_bytes)
     ref_model, ref_label = _load(reference, "reference model")
     cand_model, cand_label = _load(candidate, "candidate model")
     if names is not None:
         ref_label, cand_label = names
-    specs = _unify_inputs(feed_inputs(ref_model, ref_label), feed_inputs(cand_model, cand_label),
-                          ref_label, cand_label)
+    specs = unify_inputs(feed_inputs(ref_model, ref_label), feed_inputs(cand_model, cand_label),
+                         ref_label, cand_label)
 
     ref_outputs = [value.name for value in ref_model.graph.output]
     cand_outputs = {value.name for value in cand_model.graph.output}
@@ -456,43 +615,84 @@ def verify(reference: ModelLike, candidate: ModelLike,
             f"{cand_label} and {ref_label} share no output name (reference outputs: {ref_outputs},"
             f" candidate outputs: {sorted(cand_outputs)})"
         )
-
     if inputs is None:
-        shapes = {spec.name: concrete_shape(spec, batch) for spec in specs}
-        input_bytes = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
-        _check_memory(input_bytes, _output_bytes(ref_model, shared, batch), max_bytes, batch, ref_label, shapes)
-        feeds = random_inputs(specs, batch=batch, rng=np.random.default_rng(seed))
-        source, used_seed = "random", seed
-    else:
-        if isinstance(inputs, (str, os.PathLike)):
-            from bnfold.io import load_npz
+        need, shapes = input_bytes(specs, batch)
+        # Refused from the shapes alone, before random values are drawn.
+        _check_memory(need, _output_bytes(ref_model, shared, 1), max_bytes, batch, ref_label, shapes)
+    feeds = plan_feeds(specs, inputs, batch=batch, seed=seed)
+    held = sum(int(array.nbytes) for array in feeds.feeds.values())
+    _check_memory(held, 0, max_bytes, feeds.rows, ref_label, {name: a.shape for name, a in feeds.feeds.items()})
+    budget = max_bytes - held
+    describe = _memory_message(ref_label, feeds, held, max_bytes)
 
-            source = str(inputs)
-            arrays = load_npz(inputs)
-        else:
-            source, arrays = "the given arrays", dict(inputs)
-        feeds = _check_user_inputs(arrays, specs, source)
-        first = next(iter(feeds.values()), None)
-        data_batch = int(first.shape[0]) if first is not None and first.ndim else batch
-        input_bytes = sum(int(array.nbytes) for array in feeds.values())
-        _check_memory(input_bytes, _output_bytes(ref_model, shared, data_batch), max_bytes, data_batch, ref_label,
-                      {name: array.shape for name, array in feeds.items()})
-        used_seed = None
+    sides = [_Model(ref_model, ref_label), _Model(cand_model, cand_label)]
+    for side in sides:
+        side.open(not outputs_only, threads)
+    for side in sides:
+        if check_determinism:
+            side.check_deterministic(feeds, budget, describe)
+        side.measure(feeds, budget, describe)
+    ref, cand = sides
+    compared = [name for name in ref.order if name in cand.per_row]
+    for name in shared:  # graph outputs that are graph inputs or non-tensors are compared as before
+        if name not in compared:
+            compared.append(name)
+    per_row = {name: max(ref.per_row.get(name, 0.0), cand.per_row.get(name, 0.0)) for name in compared}
+    plan = plan_runs(compared, per_row, rows=feeds.rows, splittable=feeds.splittable, budget=budget,
+                     describe=describe)
 
-    ref_values = _run(_session(ref_model, ref_label, threads), shared, feeds, ref_label)
-    cand_values = _run(_session(cand_model, cand_label, threads), shared, feeds, cand_label)
-    outputs = [compare_arrays(name, a, b, rtol=rtol, atol=atol)
-               for name, a, b in zip(shared, ref_values, cand_values)]
+    stats = {name: TensorStats(name, rtol, atol) for name in compared}
+    output_parts: dict[str, list[OutputComparison]] = {name: [] for name in shared}
+    chunks = plan.chunks() if feeds.splittable else [(0, feeds.rows)]
+
+    def compare(group: list[str], ref_values: list, cand_values: list, rows: int) -> None:
+        for name, a, b in zip(group, ref_values, cand_values):
+            if name in output_parts:
+                output_parts[name].append(compare_arrays(name, a, b, rtol=rtol, atol=atol))
+            stats[name].add(a, b, rows, consume=True)
+
+    # The comparison of one run's tensors overlaps onnxruntime's next run (both release the GIL).
+    # At most one comparison is pending, so that two runs' tensors are held at a time: the
+    # MEMORY_FACTOR of bnfold.layerwise counts them.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-compare") as pool:
+        pending = None
+        for start, stop in chunks:
+            chunk = feeds.chunk(start, stop)
+            for group in plan.groups:
+                ref_values = _run(ref.sess, group, chunk, ref_label)
+                cand_values = _run(cand.sess, group, chunk, cand_label)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(compare, group, ref_values, cand_values, stop - start)
+                del ref_values, cand_values
+        if pending is not None:
+            pending.result()
+
+    ref_nodes, cand_nodes = producers(ref_model), producers(cand_model)
+    layers = [stats[name].result(ref_nodes.get(name, "graph input"), cand_nodes.get(name, "graph input"),
+                                 name in output_parts) for name in compared]
+    outputs = [merge_comparisons(output_parts[name], feeds.rows if stats[name].batched_shape else None)
+               for name in shared]
     report = VerifyReport(
         reference=ref_label,
         candidate=cand_label,
         outputs=outputs,
-        inputs={name: {"dtype": array.dtype.name, "shape": list(array.shape)} for name, array in feeds.items()},
-        input_source=source,
-        seed=used_seed,
-        batch=batch,
+        inputs=feeds.describe(),
+        input_source=feeds.source,
+        seed=feeds.seed,
+        batch=feeds.rows,
         only_in_reference=[name for name in ref_outputs if name not in cand_outputs],
         only_in_candidate=sorted(cand_outputs - set(ref_outputs)),
+        layers=layers,
+        mode="outputs" if outputs_only else "layers",
+        samples=feeds.rows,
+        batches=len(chunks),
+        batch_rows=plan.chunk_rows if feeds.splittable else feeds.rows,
+        groups=len(plan.groups),
+        random_inputs=list(feeds.random),
+        notes=list(feeds.notes),
+        warnings=list(feeds.warnings),
+        deterministic_checked=check_determinism,
     )
     log.info("%s", report.summary())
     return report
@@ -533,3 +733,4 @@ def find_culprits(items: Sequence[str], fails: Callable[[frozenset[str]], bool])
     if not group or not fails(frozenset(group)):
         return []
     return sorted(search(group), key=order.__getitem__)
+

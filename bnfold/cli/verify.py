@@ -55,7 +55,10 @@ def verification_options(func: Callable) -> Callable:
         click.option("--threads", type=click.IntRange(min=1, max=256), default=1, show_default=True,
                      help="onnxruntime intra-op and inter-op threads."),
         click.option("--max-memory", type=ByteSize(), default="2GiB", show_default=True,
-                     help="Refuse to verify when inputs and outputs would need more memory than this."),
+                     help="Keep inputs and compared tensors under this much memory (tensors are requested in"
+                          " groups, samples fed in batches); refuse when that is impossible."),
+        click.option("--outputs-only", is_flag=True,
+                     help="Compare the graph outputs only, not every intermediate tensor both models share."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -72,6 +75,7 @@ def verify_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "seed": params["seed"],
         "threads": params["threads"],
         "max_bytes": params["max_memory"],
+        "outputs_only": params["outputs_only"],
     }
 
 
@@ -85,8 +89,11 @@ def verify_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 def command(reference: str, candidate: str, json_path: str | None, pins: tuple[str, ...], **params: Any) -> None:
     """Compare two ONNX models in onnxruntime (graph optimizations disabled) on the same inputs.
 
-    For every output both models share: max|a - b| <= atol + rtol * max|a|, with a the reference.
-    Exit code 0 if equivalent, 1 if not, 2 on errors.
+    Layer by layer: for every tensor both models compute under the same name (outputs included),
+    in topological order, max|a - b| <= atol + rtol * max|a|, with a the reference. The report
+    names the first tensor that exceeds and the nodes producing it. A model whose two runs on the
+    same input differ (Dropout in training mode) is refused. Exit code 0 if equivalent, 1 if not,
+    2 on errors.
     """
     from bnfold.verification import verify
 

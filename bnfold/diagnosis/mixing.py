@@ -36,7 +36,17 @@ import onnx
 
 from bnfold.diagnosis.report import Flag
 from bnfold.errors import BnfoldError
-from bnfold.runtime import InputSpec, concrete_shape, expose, feed_inputs, random_inputs, run, session
+from bnfold.runtime import (
+    InputSpec,
+    computed_tensors,
+    concrete_shape,
+    expose,
+    feed_inputs,
+    random_inputs,
+    run,
+    session,
+    within_tolerance,
+)
 
 __all__ = ["RuntimeFindings", "check_runtime"]
 
@@ -70,23 +80,9 @@ def _batch_length(specs: list[InputSpec], default: int) -> tuple[int | None, str
     return (static.pop() if static else default), None
 
 
-def _equal(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape:
-        return False
-    if a.dtype.kind in "fc":
-        return bool(np.array_equal(a, b, equal_nan=True))
-    return bool(np.array_equal(a, b))
-
-
-def _tensor_names(graph: onnx.GraphProto) -> list[str]:
-    names = dict.fromkeys(name for node in graph.node for name in node.output if name)
-    return list(names)
-
-
 def _runner(model: onnx.ModelProto, label: str, threads: int):
     """``(session, names)``: every intermediate exposed if onnxruntime accepts that, else the outputs."""
-    names = _tensor_names(model.graph)
+    names = computed_tensors(model)
     try:
         return session(expose(model, names), label, threads), names + [o.name for o in model.graph.output
                                                                          if o.name not in set(names)]
@@ -105,7 +101,7 @@ def _free_batch_axis(model: onnx.ModelProto) -> onnx.ModelProto:
     (`bnfold.population.submodel`, which recalibration uses for the same reason)."""
     from bnfold.population import submodel
 
-    outputs = _tensor_names(model.graph)
+    outputs = computed_tensors(model)
     outputs += [o.name for o in model.graph.output if o.name not in set(outputs)]
     return submodel(model, outputs)
 
@@ -142,7 +138,9 @@ def check_runtime(model: onnx.ModelProto, label: str, *, batch: int = 4, seed: i
     feeds = {name: np.asarray(value) for name, value in random_inputs(specs, batch=length or 1, rng=rng).items()}
     first = dict(zip(names, run(sess, names, feeds, label)))
     second = dict(zip(names, run(sess, names, feeds, label)))
-    random = [name for name in names if not _equal(first[name], second[name])]
+    # The verification bound (`bnfold.runtime.within_tolerance`): what `verify` and `convert` refuse
+    # as not deterministic is exactly what is flagged here.
+    random = [name for name in names if not within_tolerance(first[name], second[name])]
     flags: list[Flag] = []
     checks: dict[str, str] = {}
     producers = {out: node for node in model.graph.node for out in node.output if out}
@@ -198,9 +196,9 @@ def _states(names: list[str], before: dict, after: dict, random: set[str], lengt
             continue
         a, b = np.asarray(before[name]), np.asarray(after[name])
         if a.ndim >= 1 and a.shape == b.shape and a.shape[0] == length:
-            states[name] = "clean" if _equal(a[:-1], b[:-1]) else "mixed"
+            states[name] = "clean" if within_tolerance(a[:-1], b[:-1]) else "mixed"
         else:
-            states[name] = "clean" if _equal(a, b) else "batch-wide"
+            states[name] = "clean" if within_tolerance(a, b) else "batch-wide"
     return states
 
 

@@ -355,7 +355,9 @@ def _fold_matmul(matmul: onnx.NodeProto, chain: AffineChain, target: str, index:
     folded = cast_and_name(index, weight64, bias64, elem_type, weight_name=weight_name, bias_name=None, hint=hint)
     if isinstance(folded, Skip):
         return folded
-    product = matmul.output[0] if matmul.output[0] != target else index.fresh_name(f"{hint}_product")
+    # A fresh name: ``A @ W'`` is not the value ``A @ W`` that the MatMul's output named, and a
+    # name shared by both models must mean the same tensor (layer-by-layer verification).
+    product = index.fresh_name(f"{matmul.output[0]}_scaled")
     new_matmul = replace_node(matmul, inputs=[matmul.input[0], folded.weight], outputs=[product])
     add = onnx.helper.make_node("Add", [product, folded.bias], [target], name=chain.nodes[-1].name)
     return LinearFold(producer=matmul, nodes=[new_matmul, add], weight=weight_name, bias=None,
