@@ -1,11 +1,15 @@
-"""Assertions for users' own test suites (pytest or unittest).
+"""Helpers for users' own test suites (pytest or unittest).
 
 Example::
 
-    from bnfold.testing import assert_equivalent
+    from bnfold.testing import assert_equivalent, run_cli
 
     def test_folded_model_matches():
         assert_equivalent("model.onnx", "model.folded.onnx", batch=8)
+
+    def test_statistics_are_healthy():
+        code, stdout, stderr = run_cli("inspect", "model.onnx")
+        assert code == 0, stdout + stderr
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import onnx
 
 from bnfold.verification import VerifyReport, verify
 
-__all__ = ["assert_equivalent"]
+__all__ = ["assert_equivalent", "run_cli"]
 
 
 def assert_equivalent(reference: onnx.ModelProto | str | os.PathLike,
@@ -46,3 +50,22 @@ def assert_equivalent(reference: onnx.ModelProto | str | os.PathLike,
     if not report.ok:
         raise AssertionError("\n".join(report.lines()))
     return report
+
+
+def run_cli(*args: Any) -> tuple[int, str, str]:
+    """Run ``bnfold ARGS`` in this process through the real entry point (`bnfold.cli.main`).
+
+    Returns ``(exit code, stdout, stderr)``: the code is 0, 1 (a check failed) or 2 (bad input),
+    exactly as the console script would exit. Arguments are converted with ``str``.
+    """
+    from click.testing import CliRunner
+
+    from bnfold.cli import main
+
+    with CliRunner().isolation() as streams:
+        try:
+            main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()

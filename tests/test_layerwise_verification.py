@@ -16,15 +16,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.folding
 import bnfold.verification
-from bnfold.cli import main
 from bnfold.conversion import convert
 from bnfold.errors import BnfoldError, VerificationError
 from bnfold.folding import fold
+from bnfold.testing import run_cli as bnfold_cli
 from bnfold.verification import verify
 
 BLOCKS = 8
@@ -91,15 +90,6 @@ def tampered_pair() -> tuple[onnx.ModelProto, onnx.ModelProto, onnx.ModelProto]:
     return model, folded, scale_folded_weight(wrong, wrong_report, f"bn{MIDDLE}")
 
 
-def bnfold_cli(*args) -> tuple[int, str, str]:
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
 
 
 def test_tampered_middle_fold_fails_layer_by_layer_and_passes_outputs_only() -> None:

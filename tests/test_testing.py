@@ -50,3 +50,13 @@ def test_incomparable_models_raise_bnfold_error() -> None:
     other.graph.node[1].output[0] = "z"
     with pytest.raises(BnfoldError, match="share no output"):
         assert_equivalent(affine(2.0, 1.0), other)
+
+
+def test_run_cli_returns_exit_code_and_both_streams(tmp_path):
+    from bnfold import __version__
+    from bnfold.testing import run_cli
+
+    code, stdout, stderr = run_cli("--version")
+    assert code == 0 and __version__ in stdout and stderr == ""
+    code, stdout, stderr = run_cli("convert", tmp_path / "missing.onnx", "-o", tmp_path / "out.onnx")
+    assert code == 2 and stdout == "" and stderr.startswith("bnfold: error: ")

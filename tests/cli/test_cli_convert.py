@@ -18,30 +18,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
 import bnfold.folding
-from bnfold.cli import main
 from bnfold.export import export_onnx
 from bnfold.nn.batchnorm import BatchNorm
 from bnfold.nn.layers import Dense, ReLU
 from bnfold.nn.model import Sequential
+from bnfold.testing import run_cli as bnfold_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "digits_mlp.onnx"
 
 
-def bnfold_cli(*args: str) -> tuple[int, str, str]:
-    """Run ``bnfold ARGS`` through the real entry point; return (exit code, stdout, stderr)."""
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        stdout, stderr = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    return code, stdout, stderr
 
 
 def one_line_error(stderr: str) -> str:

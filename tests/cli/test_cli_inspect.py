@@ -16,26 +16,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
-from bnfold.cli import main
 from bnfold.nn.data import load_digits
+from bnfold.testing import run_cli as bnfold_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "digits_mlp.onnx"
 STATS = ROOT / "tests" / "fixtures" / "stats"
 
 
-def bnfold_cli(*args) -> tuple[int, str, str]:
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        stdout, stderr = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    return code, stdout, stderr
 
 
 def one_line_error(stderr: str) -> str:

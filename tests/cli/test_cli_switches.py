@@ -13,23 +13,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
-from bnfold.cli import main
+from bnfold.testing import run_cli as bnfold_cli
 
 TF = Path(__file__).resolve().parents[1] / "fixtures" / "tf"
 SWITCH = TF / "tf_v1_switch_conv.onnx"
 
 
-def bnfold_cli(*args) -> tuple[int, str, str]:
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
 
 
 def run(path: Path, feeds: dict) -> np.ndarray:

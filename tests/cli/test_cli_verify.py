@@ -10,21 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.cli import main
-
-
-def bnfold_cli(*args) -> tuple[int, str, str]:
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
+from bnfold.testing import run_cli as bnfold_cli
 
 
 def one_line_error(stderr: str) -> str:
