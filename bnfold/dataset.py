@@ -36,6 +36,7 @@ from typing import Any, Union
 import numpy as np
 
 from bnfold.errors import BnfoldError
+from bnfold.io.arrays import npy_header
 
 __all__ = ["Dataset", "DataLike", "ArraySpec", "open_dataset"]
 
@@ -126,17 +127,10 @@ def _load_member(array: _Array) -> np.ndarray:
 
 
 def _read_header(handle, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    fmt = np.lib.format
-    version = fmt.read_magic(handle)
-    if version == (1, 0):
-        shape, fortran, dtype = fmt.read_array_header_1_0(handle)
-    elif version == (2, 0):
-        shape, fortran, dtype = fmt.read_array_header_2_0(handle)
-    else:  # format 3.0 (utf-8 field names) has no public reader of its own
-        shape, fortran, dtype = fmt._read_array_header(handle, version)
+    shape, fortran, dtype = npy_header(handle)
     if dtype.hasobject:
         raise BnfoldError(f"{where} contains pickled objects, which bnfold refuses to load")
-    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
+    return shape, fortran, dtype
 
 
 def _local_data_offset(path: str, info: zipfile.ZipInfo) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 from bnfold.errors import BnfoldError
 from bnfold.io.files import check_input_file, one_line
 
-__all__ = ["load_npz", "DEFAULT_MAX_BYTES"]
+__all__ = ["load_npz", "npy_header", "DEFAULT_MAX_BYTES"]
 
 
 # Arrays bnfold reads (checkpoints, verification inputs) are megabytes; this guards against an
@@ -75,15 +75,8 @@ def _check_npz_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipI
     """Check one member's ``.npy`` header without reading its data; return its size in bytes."""
     if not member.filename.endswith(".npy"):
         raise BnfoldError(f"{path}: member '{member.filename}' is not a .npy array")
-    fmt = np.lib.format
     with archive.open(member) as handle:
-        version = fmt.read_magic(handle)
-        if version == (1, 0):
-            shape, _, dtype = fmt.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, _, dtype = fmt.read_array_header_2_0(handle)
-        else:  # format 3.0 (utf-8 field names) has no public reader of its own
-            shape, _, dtype = fmt._read_array_header(handle, version)
+        shape, _, dtype = npy_header(handle)
         header_size = handle.tell()
     key = member.filename[: -len(".npy")]
     if dtype.hasobject:
@@ -95,3 +88,16 @@ def _check_npz_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipI
             f" holds {member.file_size - header_size} bytes"
         )
     return declared
+
+
+def npy_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` stream ``handle``, left at the data's start."""
+    fmt = np.lib.format
+    version = fmt.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(handle)
+    else:  # format 3.0 (utf-8 field names) has no public reader of its own
+        shape, fortran, dtype = fmt._read_array_header(handle, version)
+    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
