@@ -14,6 +14,7 @@ written with every tensor of 1 KiB or more in a sidecar ``OUT.<content hash>.dat
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import time
@@ -110,50 +111,52 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         raise BnfoldError("missing -o/--output (or give --in-place to replace IN)")
     out = Path(output_path) if output_path is not None else source
     _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
-    model, external, size_before, in_bytes = _load(source)
-    loaded = time.perf_counter()
+    # External data stays on disk (memory-mapped) until the end: `stack` closes it.
+    with contextlib.ExitStack() as stack:
+        model, external, size_before, in_bytes = _load(source, out, stack)
+        loaded = time.perf_counter()
 
-    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
-    folded, report = _fold(model, fold_options)
-    fold_done = time.perf_counter()
+        fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs}
+        folded, report = _fold(model, fold_options)
+        fold_done = time.perf_counter()
 
-    result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
-                              "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
-    verification = None
-    if verify:
-        options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
-                   "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}")}
-        folded, report, verification = _verify(model, folded, report, fold_options, options,
-                                               keep_failing_unfolded, result)
-        verification.reference, verification.candidate = str(source), str(out)
-        result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok)
-    verify_done = time.perf_counter()
-    result.update({
-        "bn_folded": report.folded,
-        "bn_total": report.total,
-        "fold": report.to_dict(),
-        "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
-        "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
-        "size_bytes": {"before": size_before, "after": None},
-    })
+        result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
+                                  "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
+        verification = None
+        if verify:
+            options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
+                       "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}")}
+            folded, report, verification = _verify(model, folded, report, fold_options, options,
+                                                   keep_failing_unfolded, result)
+            verification.reference, verification.candidate = str(source), str(out)
+            result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok)
+        verify_done = time.perf_counter()
+        result.update({
+            "bn_folded": report.folded,
+            "bn_total": report.total,
+            "fold": report.to_dict(),
+            "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
+            "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
+            "size_bytes": {"before": size_before, "after": None},
+        })
 
-    if not result["ok"]:
+        if not result["ok"]:
+            result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
+            if json_path is not None:
+                write_json(json_path, result)
+            raise VerificationError(_failure_message(out, verification, report, result["culprits"], keep_failing_unfolded),
+                                    verification)
+
+        # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
+        # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.
+        external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and serialized_size(folded) > _PROTOBUF_LIMIT)
+        _write(folded, out, external=external, check=check)
+        sidecars = _external_files(out) if external else []
+        result["size_bytes"]["after"] = _disk_size(out, sidecars)
         result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
         if json_path is not None:
             write_json(json_path, result)
-        raise VerificationError(_failure_message(out, verification, report, result["culprits"], keep_failing_unfolded),
-                                verification)
-
-    # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
-    # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.
-    external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and serialized_size(folded) > _PROTOBUF_LIMIT)
-    _write(folded, out, external=external, check=check)
-    sidecars = _external_files(out) if external else []
-    result["size_bytes"]["after"] = _disk_size(out, sidecars)
-    result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
-    if json_path is not None:
-        write_json(json_path, result)
-    return ConvertResult(data=result, report=report, verification=verification)
+        return ConvertResult(data=result, report=report, verification=verification)
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:
@@ -274,15 +277,21 @@ def _summary_lines(result: dict[str, Any], report: Any) -> list[str]:
     return lines
 
 
-def _load(source: Path) -> tuple[onnx.ModelProto, bool, int, int]:
+def _load(source: Path, out: Path, stack: contextlib.ExitStack) -> tuple[onnx.ModelProto, bool, int, int]:
     """The model, whether OUT should use external data, IN's size on disk (with its data), and
-    the model's serialized size in memory."""
-    from bnfold.io import load_model
+    the model's serialized size in memory.
 
-    model = load_model(source)
+    External data is memory-mapped, not read (`bnfold.io.mapped`): folds read only the tensors
+    they change, large folded tensors wait in a scratch file beside OUT, and the writer copies
+    the rest file to file. The mapping lives as long as ``stack``.
+    """
+    from bnfold.io.files import resolved
+    from bnfold.io.mapped import open_model
+
+    model = stack.enter_context(open_model(source, scratch_dir=resolved(out).parent)).model
     data_files = _external_files(source)  # recorded by load_model: no second parse
     size = _disk_size(source, data_files)
-    # Without external data the file is the serialized model; with it, measure (the data is in memory now).
+    # Without external data the file is the serialized model; with it, the model without its data.
     in_bytes = serialized_size(model) if data_files else source.stat().st_size
     return model, bool(data_files) or in_bytes > _PROTOBUF_LIMIT, size, in_bytes
 

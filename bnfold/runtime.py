@@ -128,16 +128,24 @@ def session(model: onnx.ModelProto, label: str, threads: int = 1):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Errors reach the user as one BnfoldError line; onnxruntime's own log would add more lines.
     options.log_severity_level = 4
+    store = _mapped_store(model)
+    data = None
+    if store is None:
+        try:
+            data = model.SerializeToString()
+        except (ValueError, EncodeError):  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
+            data = None
     try:
-        data = model.SerializeToString()
-    except (ValueError, EncodeError):  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
-        data = None
-    try:
+        if store is not None and store.is_original(model):
+            # The file on disk is this model: onnxruntime reads it, and its data, from there.
+            return ort.InferenceSession(str(store.path), options, providers=["CPUExecutionProvider"])
         if data is not None:
             return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         from bnfold.io import save_model
 
-        with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
+        # Beside the output when a model is open from disk (its scratch folder), not in /tmp.
+        folder_of = None if store is None else store.scratch_dir
+        with tempfile.TemporaryDirectory(prefix=".bnfold-verify-", dir=folder_of) as folder:
             path = Path(folder) / "model.onnx"
             # Not onnx.save_model(save_as_external_data=True): it rewrites the caller's model in
             # place to point at the temporary files.
@@ -145,6 +153,19 @@ def session(model: onnx.ModelProto, label: str, threads: int = 1):
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise BnfoldError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}") from None
+
+
+def _mapped_store(model: onnx.ModelProto):
+    """The open model (`bnfold.io.mapped`) whose files hold some of ``model``'s tensors, if any."""
+    from bnfold.io.files import all_tensors
+    from bnfold.io.mapped import active
+
+    store = active()
+    if store is None:
+        return None
+    if store.is_original(model) or any(store.span(tensor) is not None for tensor in all_tensors(model)):
+        return store
+    return None
 
 
 def run(sess, names: list[str], feeds: dict[str, np.ndarray], label: str) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bn_affine", "fold_affine", "fold_affine_into_consumer", "fold_batchnorm", "check_representable"]
+__all__ = ["bn_affine", "fold_affine", "fold_bias", "fold_affine_into_consumer", "fold_batchnorm", "check_representable"]
 
 
 def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +53,15 @@ def fold_affine(weight, bias, scale, shift, *, axis: int, out: np.ndarray | None
     assert w.shape[axis] == scale.shape[0] == shift.shape[0], (w.shape, axis, scale.shape)
     # One pass: the ufunc widens each (exactly representable) weight to float64 on the fly.
     new_weight = np.multiply(w, _along(scale, axis, w.ndim), dtype=np.float64, out=out)
-    new_bias = shift if bias is None else shift + np.asarray(bias, dtype=np.float64) * scale
-    return new_weight, new_bias
+    return new_weight, fold_bias(bias, scale, shift)
+
+
+def fold_bias(bias, scale, shift) -> np.ndarray:
+    """``b' = shift + b * scale`` in float64 (``shift`` when there is no bias): the bias half of
+    `fold_affine`, for callers that compute the weight in blocks (`bnfold.folding.chunked`)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    shift = np.asarray(shift, dtype=np.float64)
+    return shift if bias is None else shift + np.asarray(bias, dtype=np.float64) * scale
 
 
 def fold_affine_into_consumer(weight, bias, scale, shift, *, in_axis: int, out_axis: int, groups: int = 1):

@@ -65,6 +65,8 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.folding.algebra import bn_affine, check_representable
+from bnfold.folding.chunked import Cast
+from bnfold.io.mapped import covers, spill
 
 if TYPE_CHECKING:
     from bnfold.folding.report import FoldReport
@@ -316,8 +318,25 @@ def np_dtype(elem_type: int) -> np.dtype | None:
 
 
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's values; a read-only view of ``raw_data`` for the common numeric types."""
+    """The tensor's values; a read-only view of ``raw_data`` for the common numeric types.
+
+    External data of a model opened with `bnfold.io.mapped.open_model` is a read-only view of
+    the memory-mapped file: nothing is read until the values are used.
+    """
     dtype = _RAW_DTYPES.get(tensor.data_type)
+    if tensor.data_location == TensorProto.EXTERNAL:
+        from bnfold.io.mapped import external_array
+
+        if dtype is not None and sys.byteorder == "little":
+            return external_array(tensor, dtype)
+        # Other element types: their bytes, decoded as if they had been loaded.
+        raw = np.ascontiguousarray(external_array(tensor, np.dtype(np.uint8)).reshape(-1))
+        loaded = TensorProto()
+        loaded.CopyFrom(tensor)
+        loaded.ClearField("data_location")
+        del loaded.external_data[:]
+        loaded.raw_data = raw.tobytes()
+        return numpy_helper.to_array(loaded)
     if dtype is not None and tensor.HasField("raw_data") and sys.byteorder == "little":
         raw = tensor.raw_data
         return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
@@ -340,7 +359,10 @@ def array_to_tensor(
         tensor.name = name
         tensor.data_type = elem_type
         tensor.dims.extend(array.shape)
-        tensor.raw_data = np.ascontiguousarray(array, dtype=_RAW_DTYPES[elem_type]).tobytes()
+        values = np.ascontiguousarray(array, dtype=_RAW_DTYPES[elem_type])
+        # A large initializer of a model opened from disk goes to a scratch file, not memory.
+        if into is None or not spill(tensor, values):
+            tensor.raw_data = values.tobytes()
     else:
         tensor.CopyFrom(numpy_helper.from_array(array, name))
     return tensor
@@ -755,7 +777,7 @@ class GraphIndex:
                     f"'{name}' is an initializer also listed as a graph input (kept as an input:"
                     " keep_initializer_inputs)"
                 )
-            if tensor.data_location == TensorProto.EXTERNAL:
+            if tensor.data_location == TensorProto.EXTERNAL and not covers(tensor):
                 return None, f"'{name}' is stored as external data that was not loaded"
             try:
                 return tensor_to_array(tensor), None
@@ -870,7 +892,13 @@ class GraphIndex:
         """Cast a fold's float64 weight and bias to ``elem_type`` (`cast_folded`) and reserve
         fresh names for them: ``<weight>_folded`` and ``<bias>_folded`` (``<hint>_bias_folded``
         when the linear node had no bias)."""
-        cast_w = self.cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
+        what = f"folded weight of '{weight_name}'"
+        if isinstance(weight64, str):  # computed and checked block by block (bnfold.folding.chunked)
+            return Skip(f"{what}: {weight64}")
+        if isinstance(weight64, Cast):
+            cast_w: tuple[np.ndarray, int] | Skip = (weight64.array, weight64.flushed)
+        else:
+            cast_w = self.cast_folded(weight64, elem_type, what)
         if isinstance(cast_w, Skip):
             return cast_w
         cast_b = self.cast_folded(bias64, elem_type, "folded bias")

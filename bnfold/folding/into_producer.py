@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.folding.algebra import fold_affine
+from bnfold.folding.algebra import fold_bias
+from bnfold.folding.chunked import Cast, scale_and_cast
 from bnfold.folding.graph import (
     BatchNormParams,
     GraphIndex,
@@ -40,6 +41,7 @@ from bnfold.folding.graph import (
     Skip,
     get_attr,
     node_label,
+    np_dtype,
     pattern,
     replace_node,
 )
@@ -184,10 +186,15 @@ def _weight_and_bias(producer: onnx.NodeProto, index: GraphIndex):
     return weight_name, bias_name, values["weight"], values["bias"], elem_type
 
 
+def _restored(weight: Cast | str, restore) -> Cast | str:
+    """The folded weight back in the producer's layout (ConvTranspose groups), or the reason."""
+    return weight if isinstance(weight, str) else Cast(restore(weight.array), weight.flushed)
+
+
 def _finish(
     index: GraphIndex,
     params: BatchNormParams,
-    weight64: np.ndarray,
+    weight64: Cast | str,
     bias64: np.ndarray,
     elem_type: int,
     *,
@@ -232,9 +239,9 @@ def _fold_conv(node, producer, params: BatchNormParams, spec: ProducerSpec, inde
         return Skip(f"{producer.op_type} bias '{bias_name}' has shape {bias.shape}")
     scale, shift = params.affine()
     bias_vec = None if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
-    weight64, bias64 = fold_affine(view, bias_vec, scale, shift, axis=axis, out=index.ctx.workspace(view.shape))
+    new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type), scratch=index.ctx.workspace)
     done = _finish(
-        index, params, restore(weight64), bias64, elem_type,
+        index, params, _restored(new_weight, restore), fold_bias(bias_vec, scale, shift), elem_type,
         weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
     )
     if isinstance(done, Skip):
@@ -273,9 +280,10 @@ def _fold_gemm(node, producer, params: BatchNormParams, spec: ProducerSpec, inde
             # scalar, (1,) or (N,): one value per column.
             c64 = np.broadcast_to(c64.reshape(-1), (params.channels,))
     scale, shift = params.affine()
-    weight64, bias64 = fold_affine(alpha * np.asarray(view, dtype=np.float64), c64, scale, shift, axis=axis)
+    new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type), alpha=alpha,
+                                scratch=index.ctx.workspace)
     done = _finish(
-        index, params, restore(weight64), bias64, elem_type,
+        index, params, _restored(new_weight, restore), fold_bias(c64, scale, shift), elem_type,
         weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
     )
     if isinstance(done, Skip):
@@ -333,9 +341,10 @@ def _fold_matmul(node, matmul, bias_add, params: BatchNormParams, spec: Producer
         if b64.ndim < 2:
             b64 = np.broadcast_to(b64.reshape(-1), (params.channels,))
     scale, shift = params.affine()
-    weight64, bias64 = fold_affine(weight, b64, scale, shift, axis=spec.channel_axis)
+    new_weight = scale_and_cast(weight, scale, axis=spec.channel_axis, dtype=np_dtype(elem_type),
+                                scratch=index.ctx.workspace)
     done = _finish(
-        index, params, weight64, bias64, elem_type,
+        index, params, new_weight, fold_bias(b64, scale, shift), elem_type,
         weight_name=weight_name, bias_name=bias_name, hint=matmul.name or node.output[0],
     )
     if isinstance(done, Skip):

@@ -116,12 +116,27 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         tmp.write_bytes(data)
 
 
-def _goes_external(tensor: onnx.TensorProto) -> bool:
-    return (
-        tensor.data_location != onnx.TensorProto.EXTERNAL
-        and tensor.data_type != onnx.TensorProto.STRING
-        and tensor.ByteSize() >= _EXTERNAL_MIN_BYTES
-    )
+def _goes_external(tensor: onnx.TensorProto, store=None) -> bool:
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return False
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor.ByteSize() >= _EXTERNAL_MIN_BYTES
+    span = None if store is None else store.span(tensor)
+    return span is not None and _loaded_size(tensor, span[2]) >= _EXTERNAL_MIN_BYTES
+
+
+def _loaded_size(tensor: onnx.TensorProto, length: int) -> int:
+    """``ByteSize()`` the tensor would have with its ``length`` bytes in ``raw_data`` (the rule
+    for in-memory tensors, so that a mapped model is written like a loaded one)."""
+    bare = onnx.TensorProto()
+    bare.CopyFrom(tensor)
+    bare.ClearField("data_location")
+    del bare.external_data[:]
+    return bare.ByteSize() + 1 + _varint_size(length) + length  # raw_data: tag, length, bytes
+
+
+def _varint_size(value: int) -> int:
+    return max(1, -(-value.bit_length() // 7))
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
@@ -129,42 +144,89 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     return tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
 
 
+# Bytes moved per read / write when copying external data between files.
+_COPY_BYTES = 8 * 1024**2
+
+
+class _DataWriter:
+    """Writes tensors at 64-byte aligned offsets of an open file, hashing their bytes in order."""
+
+    def __init__(self, fd: int, store) -> None:
+        self.fd, self.store = fd, store
+        self.digest = hashlib.sha256()
+        self.offset = 0
+        self._buffer: bytearray | None = None
+
+    def add(self, tensor: onnx.TensorProto) -> tuple[int, int]:
+        # ONNX ExternalData.md allows aligned offsets; 64 bytes keeps every dtype aligned.
+        start = -(-self.offset // 64) * 64
+        span = None if self.store is None else self.store.span(tensor)
+        if span is None:
+            raw = _raw_bytes(tensor)
+            self.digest.update(raw)
+            self._write(memoryview(raw), start)
+            length = len(raw)
+        else:
+            length = self._copy(span, start)
+        self.offset = start + length
+        return start, length
+
+    def _write(self, data: memoryview, at: int) -> None:
+        while data:
+            written = os.pwrite(self.fd, data, at)
+            data, at = data[written:], at + written
+
+    def _copy(self, span, start: int) -> int:
+        """Copy a byte range of a data file in large chunks, never through protobuf."""
+        source, offset, length = span
+        if self._buffer is None:
+            self._buffer = bytearray(_COPY_BYTES)
+        view = memoryview(self._buffer)
+        done = 0
+        while done < length:
+            count = os.preadv(source.fd, [view[: min(_COPY_BYTES, length - done)]], offset + done)
+            if count <= 0:
+                raise OSError(f"data file ended {length - done} bytes early")
+            self.digest.update(view[:count])
+            self._write(view[:count], start + done)
+            done += count
+        return length
+
+
 def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     """Write the large tensors to ``<name>.<hash>.data``, then the model referring to it.
 
     The data file is complete and in place before the model is replaced, and its name depends
     on its content: the previous model keeps reading its own data file until the moment it is
-    replaced; that file is removed only afterwards. Memory: one copy of the model without its
-    large tensors' data, plus one tensor at a time.
+    replaced; that file is removed only afterwards. Tensors still on disk (a model opened with
+    `bnfold.io.mapped.open_model`) are copied file to file in 8 MiB chunks. Memory: one copy of
+    the model without its large tensors' data, plus one tensor (or chunk) at a time.
     """
+    from bnfold.io.mapped import active
+
+    store = active()
     for tensor in all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and (store is None or store.span(tensor) is None):
             raise BnfoldError(f"{path}: tensor '{tensor.name}' still refers to external data; load it first")
-    originals = [tensor for tensor in all_tensors(model) if _goes_external(tensor)]
+    originals = [tensor for tensor in all_tensors(model) if _goes_external(tensor, store)]
     if not originals:
         save_model(model, path, external_data=False)
         return
-    digest = hashlib.sha256()
-    spans = []
-    offset = 0
-    for tensor in originals:
-        raw = _raw_bytes(tensor)
-        digest.update(raw)
-        # ONNX ExternalData.md allows aligned offsets; 64 bytes keeps every dtype aligned.
-        offset = -(-offset // 64) * 64
-        spans.append((offset, len(raw)))
-        offset += len(raw)
-    data_name = f"{path.name}.{digest.hexdigest()[:16]}.data"
-    data_path = path.with_name(data_name)
     previous = _sidecars_of(path)
-    with atomic_path(data_path) as tmp, open(tmp, "wb") as handle:
-        for tensor, (start, _) in zip(originals, spans):
-            handle.seek(start)
-            handle.write(_raw_bytes(tensor))
+    spans = []
+    with atomic_path(path, final_name=lambda: f"{path.name}.{writer.digest.hexdigest()[:16]}.data") as tmp:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            writer = _DataWriter(fd, store)
+            spans = [writer.add(tensor) for tensor in originals]
+        finally:
+            os.close(fd)
+    data_name = f"{path.name}.{writer.digest.hexdigest()[:16]}.data"
+    data_path = path.with_name(data_name)
 
     light = onnx.ModelProto()
     light.CopyFrom(model)
-    lights = [tensor for tensor in all_tensors(light) if _goes_external(tensor)]
+    lights = [tensor for tensor in all_tensors(light) if _goes_external(tensor, store)]
     for tensor, (start, length) in zip(lights, spans):
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
             tensor.ClearField(field)
