@@ -253,7 +253,7 @@ def mobilenet_v2_like(path: Path) -> str | None:
 
 # ---- rows -------------------------------------------------------------------------------------
 def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GB" if n >= 1024**3 else f"{n / 1024**2:.0f} MB"
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
 
 
 def row_blocks(tmp: Path, repeat: int) -> None:
