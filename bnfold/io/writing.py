@@ -97,6 +97,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     if external_data:
         _save_with_external_data(model, path)
         return
+    model = _inlined(model)
     # Serialize first and look at the size afterwards: asking protobuf for the size costs as much
     # as serializing, and most models are far below the limit.
     try:
@@ -227,6 +228,7 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     light = onnx.ModelProto()
     light.CopyFrom(model)
     lights = [tensor for tensor in all_tensors(light) if _goes_external(tensor, store)]
+    _inline_mapped(light, store)  # the small tensors still on disk: into the model, as if loaded
     for tensor, (start, length) in zip(lights, spans):
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
             tensor.ClearField(field)
@@ -247,6 +249,36 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
         log.debug("%s: removing the previous data file %s", path, old.name)
         with contextlib.suppress(OSError):
             old.unlink()
+
+
+def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose tensors still on disk (an open model) hold their bytes."""
+    from bnfold.io.mapped import active
+
+    store = active()
+    if store is None or not any(store.span(tensor) is not None for tensor in all_tensors(model)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _inline_mapped(copy, store)
+    return copy
+
+
+def _inline_mapped(model: onnx.ModelProto, store) -> None:
+    """Read the external tensors of the open model ``store`` into ``model``, in place."""
+    if store is None:
+        return
+    for tensor in all_tensors(model):
+        span = store.span(tensor)
+        if span is None:
+            continue
+        source, offset, length = span
+        data = os.pread(source.fd, length, offset) if length else b""
+        if len(data) != length:
+            raise BnfoldError(f"tensor '{tensor.name}': its data file changed while being read")
+        tensor.raw_data = data
+        tensor.ClearField("data_location")
+        del tensor.external_data[:]
 
 
 def _sidecars_of(path: Path) -> set[Path]:
