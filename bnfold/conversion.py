@@ -123,6 +123,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
                                   "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external}
         verification = None
+        staged = _stage(folded, out, external, stack) if verify else None
         if verify:
             options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
                        "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}")}
@@ -150,13 +151,34 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
         # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.
         external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and serialized_size(folded) > _PROTOBUF_LIMIT)
-        _write(folded, out, external=external, check=check)
+        if staged is not None and staged[1] is folded:  # verified as staged: move it into place
+            staged[0].commit()
+            if check:
+                _check(str(out), out, written=True)
+        else:
+            _write(folded, out, external=external, check=check)
         sidecars = _external_files(out) if external else []
         result["size_bytes"]["after"] = _disk_size(out, sidecars)
         result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
         if json_path is not None:
             write_json(json_path, result)
         return ConvertResult(data=result, report=report, verification=verification)
+
+
+def _stage(folded: onnx.ModelProto, out: Path, external: bool, stack: contextlib.ExitStack):
+    """``(StagedModel, folded)``: OUT written beside its place before verification, for a model
+    whose data stays on disk, so that onnxruntime verifies the very files that are then moved
+    into place (one copy of the data, not two); None for other models. ``stack`` removes the
+    staged files unless they are committed."""
+    from bnfold.io.mapped import active
+    from bnfold.io.writing import stage_model
+
+    store = active()
+    if not external or store is None or store.scratch_dir is None:
+        return None
+    staged = stack.enter_context(stage_model(folded, out))
+    store.register_file(folded, staged.tmp)
+    return staged, folded
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:

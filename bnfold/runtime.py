@@ -136,9 +136,11 @@ def session(model: onnx.ModelProto, label: str, threads: int = 1):
         except (ValueError, EncodeError):  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
             data = None
     try:
-        if store is not None and store.is_original(model):
-            # The file on disk is this model: onnxruntime reads it, and its data, from there.
-            return ort.InferenceSession(str(store.path), options, providers=["CPUExecutionProvider"])
+        on_disk = None if store is None else store.file_for(model)
+        if on_disk is not None:
+            # A file holds this very model (the input, or a staged output): onnxruntime reads
+            # it and its data from there, one copy, no temporary file.
+            return ort.InferenceSession(str(on_disk), options, providers=["CPUExecutionProvider"])
         if data is not None:
             return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         from bnfold.io import save_model
@@ -163,7 +165,7 @@ def _mapped_store(model: onnx.ModelProto):
     store = active()
     if store is None:
         return None
-    if store.is_original(model) or any(store.span(tensor) is not None for tensor in all_tensors(model)):
+    if store.file_for(model) is not None or any(store.span(tensor) is not None for tensor in all_tensors(model)):
         return store
     return None
 

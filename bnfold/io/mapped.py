@@ -81,6 +81,7 @@ class MappedModel:
     path: Path
     scratch_dir: Path | None = None
     _sources: dict[str, _Source] = field(default_factory=dict)
+    _files: dict[int, tuple[onnx.ModelProto, Path]] = field(default_factory=dict)
     _scratch: tuple[str, Path, int] | None = None  # (location, path, fd)
     _scratch_size: int = 0
 
@@ -97,9 +98,16 @@ class MappedModel:
         length = int(info["length"]) if "length" in info else source.size - offset
         return source, offset, length
 
-    def is_original(self, model: onnx.ModelProto) -> bool:
-        """Whether ``model`` is the very object loaded (so the file on disk is the model)."""
-        return model is self.model
+    def file_for(self, model: onnx.ModelProto) -> Path | None:
+        """The file on disk that holds ``model`` (this very object) with its data, if any."""
+        if model is self.model:
+            return self.path
+        known = self._files.get(id(model))
+        return known[1] if known is not None and known[0] is model else None
+
+    def register_file(self, model: onnx.ModelProto, path: Path) -> None:
+        """Record that ``path`` holds ``model`` as it is now (e.g. a staged output)."""
+        self._files[id(model)] = (model, path)
 
     # ---- spilling --------------------------------------------------------------------------
     def spill(self, tensor: onnx.TensorProto, array: np.ndarray) -> bool:
@@ -143,6 +151,7 @@ class MappedModel:
             with contextlib.suppress(OSError):
                 os.close(source.fd)
         self._sources.clear()
+        self._files.clear()
         if self._scratch is not None:
             with contextlib.suppress(OSError):
                 self._scratch[1].unlink()

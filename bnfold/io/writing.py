@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Collection
+import tempfile
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,11 @@ import onnx
 from google.protobuf.message import EncodeError
 
 from bnfold.errors import BnfoldError
-from bnfold.io.atomic import atomic_path
+from bnfold.io.atomic import _default_mode, _fsync, _fsync_dir, atomic_path
 from bnfold.io.external import external_files_of
 from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, resolved, same_file
 
-__all__ = ["check_output_path", "save_model", "write_json"]
+__all__ = ["check_output_path", "save_model", "stage_model", "StagedModel", "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -203,52 +205,117 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     `bnfold.io.mapped.open_model`) are copied file to file in 8 MiB chunks. Memory: one copy of
     the model without its large tensors' data, plus one tensor (or chunk) at a time.
     """
+    with stage_model(model, path) as staged:
+        staged.commit()
+
+
+@dataclass
+class StagedModel:
+    """A model written beside its destination, not yet in place (see `stage_model`).
+
+    Attributes
+    ----------
+    tmp : pathlib.Path
+        The complete model under a temporary name, beside ``path``; its data file is already in
+        place under its final (content-hashed) name, so onnxruntime can load ``tmp``.
+    path : pathlib.Path
+        The destination.
+    """
+
+    tmp: Path
+    path: Path
+    data_path: Path | None
+    previous: set[Path]
+    committed: bool = False
+
+    def commit(self) -> None:
+        """Move the model onto ``path`` (atomically, durably) and remove replaced data files."""
+        try:
+            _fsync(self.tmp)
+            os.chmod(self.tmp, _default_mode(self.path))
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise BnfoldError(f"{self.path}: could not be written ({exc.strerror or exc})") from None
+        self.committed = True
+        _fsync_dir(resolved(self.path).parent)
+        for old in self.previous - {self.data_path}:
+            log.debug("%s: removing the previous data file %s", self.path, old.name)
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+    def abort(self) -> None:
+        """Remove what was staged; ``path`` and its data files stay as they were."""
+        if self.committed:
+            return
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+        if self.data_path is not None and self.data_path not in self.previous:
+            with contextlib.suppress(OSError):
+                self.data_path.unlink()
+
+
+@contextlib.contextmanager
+def stage_model(model: onnx.ModelProto, path: str | os.PathLike) -> Iterator[StagedModel]:
+    """Write ``model`` with external data beside ``path`` without replacing it yet.
+
+    Inside the block the model is complete at ``staged.tmp`` (e.g. for onnxruntime to verify);
+    ``staged.commit()`` puts it in place. Leaving the block without committing (or on any
+    error) removes everything staged.
+    """
     from bnfold.io.mapped import active
 
+    path = Path(path)
     store = active()
     for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL and (store is None or store.span(tensor) is None):
             raise BnfoldError(f"{path}: tensor '{tensor.name}' still refers to external data; load it first")
     originals = [tensor for tensor in all_tensors(model) if _goes_external(tensor, store)]
-    if not originals:
-        save_model(model, path, external_data=False)
-        return
-    previous = _sidecars_of(path)
-    spans = []
-    with atomic_path(path, final_name=lambda: f"{path.name}.{writer.digest.hexdigest()[:16]}.data") as tmp:
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
-            writer = _DataWriter(fd, store)
-            spans = [writer.add(tensor) for tensor in originals]
-        finally:
-            os.close(fd)
-    data_name = f"{path.name}.{writer.digest.hexdigest()[:16]}.data"
-    data_path = path.with_name(data_name)
-
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    lights = [tensor for tensor in all_tensors(light) if _goes_external(tensor, store)]
-    _inline_mapped(light, store)  # the small tensors still on disk: into the model, as if loaded
-    for tensor, (start, length) in zip(lights, spans):
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(field)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        for key, value in (("location", data_name), ("offset", str(start)), ("length", str(length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+    previous = _sidecars_of(path) if originals else set()
+    data_path = None
+    spans: list[tuple[int, int]] = []
+    if originals:
+        with atomic_path(path, final_name=lambda: f"{path.name}.{writer.digest.hexdigest()[:16]}.data") as tmp:
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                writer = _DataWriter(fd, store)
+                spans = [writer.add(tensor) for tensor in originals]
+            finally:
+                os.close(fd)
+        data_path = path.with_name(f"{path.name}.{writer.digest.hexdigest()[:16]}.data")
+    staged = None
     try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(light.SerializeToString())
-    except BaseException:
-        if data_path not in previous:
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
+        lights = [tensor for tensor in all_tensors(light) if _goes_external(tensor, store)]
+        for tensor, (start, length) in zip(lights, spans):
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(field)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(start)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        _inline_mapped(light, store)  # the small tensors still on disk: into the model, as if loaded
+        data = light.SerializeToString()
+        del light
+        parent = resolved(path).parent
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        except OSError as exc:
+            raise BnfoldError(f"{path}: cannot write in {parent} ({exc.strerror or exc})") from None
+        os.close(fd)
+        staged = StagedModel(tmp=Path(name), path=path, data_path=data_path, previous=previous)
+        staged.tmp.write_bytes(data)
+        del data
+        yield staged
+    except OSError as exc:
+        raise BnfoldError(f"{path}: could not be written ({exc.strerror or exc})") from None
+    finally:
+        if staged is not None:
+            staged.abort()
+        elif data_path is not None and data_path not in previous:
             with contextlib.suppress(OSError):
                 data_path.unlink()
-        raise
-    for old in previous - {data_path}:
-        log.debug("%s: removing the previous data file %s", path, old.name)
-        with contextlib.suppress(OSError):
-            old.unlink()
 
 
 def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
