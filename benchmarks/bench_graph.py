@@ -14,8 +14,8 @@ Every ratio is against a baseline measured in the same run. Rows:
   ``onnxoptimizer.optimize(m, ["fuse_bn_into_conv"])`` + ``onnx.save`` against the bnfold
   command on the same 200-block model (run once: it is superlinear in depth).
 - ``1 GiB external data``: 4 x (MatMul by an 8192 x 8192 float32 weight -> BN), stored with
-  external data; the baseline saves with ``save_as_external_data=True``. Peak RSS of each child
-  process (``os.wait4``) divided by the model's size on disk.
+  external data; the baseline saves with ``save_as_external_data=True``. Peak RSS of each
+  command (``RUSAGE_CHILDREN`` of a small launcher process) divided by the model's size on disk.
 - ``--large``: ``bnfold convert`` WITH verification on the 2.35 GB model of
   ``tests/reliability/test_large_model.py`` (time, peak RSS), and the peak RSS of a bare
   onnxruntime session of that model running one batch (the floor for any verification).
@@ -82,23 +82,34 @@ def machine_lines() -> list[str]:
 
 
 # ---- child processes --------------------------------------------------------------------------
+# Runs a command and reports its peak RSS. Linux keeps a process's peak RSS across exec, and a
+# forked child starts from its parent's: measured from this process (which builds the models),
+# a child would report this process's peak. A fresh launcher is small when it forks the command.
+_LAUNCHER = (
+    "import resource, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "code = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL).returncode\n"
+    "elapsed = time.perf_counter() - start\n"
+    "open(sys.argv[1], 'w').write(f'{elapsed} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}')\n"
+    "sys.exit(code)\n"
+)
+
+
 def run_child(command: list[str]) -> tuple[float, int]:
-    """Run ``command``; return its wall time in seconds and its own peak RSS in bytes."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        # os.wait4 reports this child's own rusage (RUSAGE_CHILDREN would be the maximum over all).
-        _, status, usage = os.wait4(process.pid, 0)
-        elapsed = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
-            err.seek(0)
-            raise RuntimeError(f"{command} failed ({process.returncode}): {err.read().decode()[-2000:]}")
-    return elapsed, usage.ru_maxrss * 1024  # Linux reports KiB
+    """Run ``command``; return its wall time in seconds (the launcher's start-up excluded) and its
+    own peak RSS in bytes."""
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "maxrss"
+        result = subprocess.run([sys.executable, "-c", _LAUNCHER, str(report), *command],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if result.returncode != 0:
+            raise RuntimeError(f"{command} failed ({result.returncode}): {result.stderr.decode()[-2000:]}")
+        elapsed, kib = report.read_text().split()
+        return float(elapsed), int(kib) * 1024  # Linux reports KiB
 
 
 def alternate(repeat: int, commands: dict[str, tuple[list[str], list[Path]]]) -> dict[str, tuple[float, int]]:
-    """Best time and peak RSS of each command, run round-robin (outputs removed before each run)."""
+    """Best time and highest peak RSS of each command, run round-robin (outputs removed first)."""
     best = {name: (float("inf"), 0) for name in commands}
     for _ in range(repeat):
         for name, (command, outputs) in commands.items():

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/spike_onnx_ir.py IN OUT          # fold one model with the spike
     python benchmarks/spike_onnx_ir.py --bench [--repeat 3] [--tmp DIR]
 
-``--bench`` runs, as child processes alternated (best of ``--repeat``, peak RSS by ``os.wait4``),
+``--bench`` runs, as child processes alternated (best of ``--repeat``, peak RSS as ``bench_graph.run_child``),
 the spike and ``bnfold convert --no-verify`` on the 800-block Conv+BN model and on the 1 GiB
 external-data MatMul+BN model of ``bench_graph.py``, checks that both give bit-identical folded
 weights, and prints the lines of code of each fold path.
