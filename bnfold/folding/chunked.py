@@ -12,14 +12,14 @@ plus the result. A block read from a memory-mapped weight is released once used
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from bnfold.folding.algebra import _finfo
 
-__all__ = ["Cast", "scale_and_cast", "BLOCK_BYTES"]
+__all__ = ["Cast", "Deferred", "scale_and_cast", "BLOCK_BYTES"]
 
 #: float64 bytes per block: large enough that the per-block overhead is invisible, small enough
 #: to be noise next to the weight itself.
@@ -48,25 +48,97 @@ def _smallest_normal(dtype: np.dtype) -> float | None:
         return None
 
 
+@dataclass
+class Deferred:
+    """A folded weight not computed yet: the recipe of `scale_and_cast`, already checked.
+
+    Its bytes are computed block by block when the model is written (`blocks`), so a folded
+    weight of a model whose data stays on disk never sits in memory, nor in a scratch file.
+    ``flushed``: subnormal values the computation sets to zero (counted by the checking pass).
+    """
+
+    weight: np.ndarray
+    scale: np.ndarray
+    axis: int
+    dtype: np.dtype
+    alpha: float | None
+    flushed: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weight.size) * self.dtype.itemsize
+
+    def blocks(self) -> Iterator[memoryview]:
+        """The folded weight's bytes (C order), one block of rows at a time."""
+        for _, cast, *_ in _blocks(self.weight, self.scale, self.axis, self.dtype, self.alpha, None):
+            yield memoryview(np.ascontiguousarray(cast)).cast("B")
+
+    def materialize(self) -> np.ndarray:
+        """The whole folded weight in memory (for a later fold that reads it again)."""
+        out = np.empty(self.shape, dtype=self.dtype)
+        for start, cast, *_ in _blocks(self.weight, self.scale, self.axis, self.dtype, self.alpha, None):
+            out[start:start + cast.shape[0]] = cast
+        return out
+
+
 def scale_and_cast(weight: np.ndarray, scale: np.ndarray, *, axis: int, dtype: np.dtype,
                    alpha: float | None = None,
-                   scratch: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Cast | str:
+                   scratch: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+                   defer: bool = False) -> Cast | Deferred | str:
     """``cast(W * scale)`` along ``axis`` (``cast((alpha * W) * scale)`` with ``alpha``).
 
     ``scratch(shape)``: a float64 buffer for one block, reused across calls (a fresh one per fold
-    page-faults again in deep models); default a new array.
+    page-faults again in deep models); default a new array. ``defer``: the caller can take a
+    `Deferred` (its weight is ``W`` itself, not a rearranged view); it gets one when ``W`` is a
+    large tensor still on disk (`bnfold.io.mapped.defers`): the values are checked now and
+    computed again, block by block, when written.
 
-    Returns the `Cast`, or the reason (as `bnfold.folding.algebra.check_representable` words it)
-    if a folded value is not finite or overflows ``dtype``.
+    Returns the `Cast` (or `Deferred`), or the reason (as
+    `bnfold.folding.algebra.check_representable` words it) if a folded value is not finite or
+    overflows ``dtype``.
     """
-    from bnfold.io.mapped import release
+    from bnfold.io.mapped import defers
 
     dtype = np.dtype(dtype)
     scale = np.asarray(scale, dtype=np.float64)
     assert weight.shape[axis] == scale.shape[0], (weight.shape, axis, scale.shape)
-    out = np.empty(weight.shape, dtype=dtype)
+    keep = not (defer and weight.size and defers(weight))
+    out = np.empty(weight.shape, dtype=dtype) if keep else None
     if not weight.size:
         return Cast(out, 0)
+    floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"
+    high, low, flushed = -np.inf, np.inf, 0
+    for start, cast, block_high, block_low, block_flushed in _blocks(weight, scale, axis, dtype, alpha, scratch):
+        if keep:
+            out[start:start + cast.shape[0]] = cast
+        flushed += block_flushed
+        if floating:
+            # NumPy's max / min propagate NaN (as in check_representable); Python's max does not.
+            if np.isnan(block_high) or np.isnan(block_low) or np.isnan(high):
+                high = low = float("nan")
+            else:
+                high, low = max(high, block_high), min(low, block_low)
+    if floating:
+        if not (np.isfinite(high) and np.isfinite(low)):
+            return "folded value is not finite"
+        peak = max(high, -low)
+        limit = float(_finfo(dtype).max)
+        if peak > limit:
+            return f"folded value {peak:.6g} overflows {dtype.name} (max {limit:.6g})"
+    if not keep:
+        return Deferred(weight=weight, scale=scale, axis=axis, dtype=dtype, alpha=alpha, flushed=flushed)
+    return Cast(out, flushed)
+
+
+def _blocks(weight, scale, axis, dtype, alpha, scratch):
+    """``(start row, cast block, max, min, flushed)`` per block of rows of ``weight`` (the float64
+    range of the block before the cast; subnormals of the cast block set to zero and counted)."""
+    from bnfold.io.mapped import release
+
     per_row = max(1, weight.size // weight.shape[0])
     rows = max(1, BLOCK_BYTES // (8 * per_row))
     block_shape = (min(rows, weight.shape[0]), *weight.shape[1:])
@@ -74,7 +146,6 @@ def scale_and_cast(weight: np.ndarray, scale: np.ndarray, *, axis: int, dtype: n
     whole = _along(scale, axis, weight.ndim)
     floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"
     tiny = _smallest_normal(dtype)
-    high, low, flushed = -np.inf, np.inf, 0
     for start in range(0, weight.shape[0], rows):
         block = weight[start:start + rows]
         w64 = buffer[: block.shape[0]]
@@ -87,28 +158,16 @@ def scale_and_cast(weight: np.ndarray, scale: np.ndarray, *, axis: int, dtype: n
             np.multiply(alpha, block, out=w64, dtype=np.float64)
             np.multiply(w64, factor, out=w64)
         release(weight[start:start + rows])
-        if floating:
-            # NumPy's max / min propagate NaN (as in check_representable); Python's max does not.
-            block_high, block_low = float(w64.max()), float(w64.min())
-            if np.isnan(block_high) or np.isnan(block_low) or np.isnan(high):
-                high = low = float("nan")
-            else:
-                high, low = max(high, block_high), min(low, block_low)
-        cast = out[start:start + rows]
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, not warned
-            cast[...] = w64.astype(dtype)
+        block_high = float(w64.max()) if floating else 0.0
+        block_low = float(w64.min()) if floating else 0.0
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller
+            cast = w64.astype(dtype)
+        flushed = 0
         if tiny is not None:
             probe = cast if cast.dtype.kind == "f" else cast.astype(np.float32)
             subnormal = (probe < tiny) & (probe > -tiny)
             if subnormal.any():
                 subnormal &= probe != 0
-                flushed += int(np.count_nonzero(subnormal))
+                flushed = int(np.count_nonzero(subnormal))
                 cast[subnormal] = 0
-    if floating:
-        if not (np.isfinite(high) and np.isfinite(low)):
-            return "folded value is not finite"
-        peak = max(high, -low)
-        limit = float(_finfo(dtype).max)
-        if peak > limit:
-            return f"folded value {peak:.6g} overflows {dtype.name} (max {limit:.6g})"
-    return Cast(out, flushed)
+        yield start, cast, block_high, block_low, flushed

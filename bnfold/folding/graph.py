@@ -65,8 +65,8 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.folding.algebra import bn_affine, check_representable
-from bnfold.folding.chunked import Cast
-from bnfold.io.mapped import covers, spill
+from bnfold.folding.chunked import Cast, Deferred
+from bnfold.io.mapped import covers, defer, spill
 
 if TYPE_CHECKING:
     from bnfold.folding.report import FoldReport
@@ -895,8 +895,9 @@ class GraphIndex:
         what = f"folded weight of '{weight_name}'"
         if isinstance(weight64, str):  # computed and checked block by block (bnfold.folding.chunked)
             return Skip(f"{what}: {weight64}")
-        if isinstance(weight64, Cast):
-            cast_w: tuple[np.ndarray, int] | Skip = (weight64.array, weight64.flushed)
+        if isinstance(weight64, (Cast, Deferred)):
+            cast_w: tuple[np.ndarray | Deferred, int] | Skip = (
+                weight64.array if isinstance(weight64, Cast) else weight64, weight64.flushed)
         else:
             cast_w = self.cast_folded(weight64, elem_type, what)
         if isinstance(cast_w, Skip):
@@ -948,6 +949,17 @@ class GraphIndex:
             new_nodes.extend(replacement)
         constant_nodes = []
         for name, array in rewrite.constants.items():
+            if isinstance(array, Deferred):
+                if self.function is None:
+                    # Computed when written (bnfold.folding.chunked): never in memory as a whole.
+                    tensor = self.graph.initializer.add()
+                    tensor.name, tensor.data_type = name, _tensor_dtype(array.dtype)
+                    tensor.dims.extend(array.shape)
+                    defer(tensor, array)
+                    self.initializers[name] = tensor
+                    self._cache.pop(name, None)
+                    continue
+                array = array.materialize()
             elem_type = _tensor_dtype(np.asarray(array).dtype)
             if self.function is not None:
                 tensor = array_to_tensor(array, name, elem_type)

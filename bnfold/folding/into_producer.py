@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding.algebra import fold_bias
-from bnfold.folding.chunked import Cast, scale_and_cast
+from bnfold.folding.chunked import Cast, Deferred, scale_and_cast
 from bnfold.folding.graph import (
     BatchNormParams,
     GraphIndex,
@@ -186,15 +186,16 @@ def _weight_and_bias(producer: onnx.NodeProto, index: GraphIndex):
     return weight_name, bias_name, values["weight"], values["bias"], elem_type
 
 
-def _restored(weight: Cast | str, restore) -> Cast | str:
-    """The folded weight back in the producer's layout (ConvTranspose groups), or the reason."""
-    return weight if isinstance(weight, str) else Cast(restore(weight.array), weight.flushed)
+def _restored(weight: Cast | Deferred | str, restore) -> Cast | Deferred | str:
+    """The folded weight back in the producer's layout (ConvTranspose groups), or the reason
+    (a `Deferred` weight is only made from the weight itself, never from a rearranged view)."""
+    return Cast(restore(weight.array), weight.flushed) if isinstance(weight, Cast) else weight
 
 
 def _finish(
     index: GraphIndex,
     params: BatchNormParams,
-    weight64: Cast | str,
+    weight64: Cast | Deferred | str,
     bias64: np.ndarray,
     elem_type: int,
     *,
@@ -239,7 +240,8 @@ def _fold_conv(node, producer, params: BatchNormParams, spec: ProducerSpec, inde
         return Skip(f"{producer.op_type} bias '{bias_name}' has shape {bias.shape}")
     scale, shift = params.affine()
     bias_vec = None if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
-    new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type), scratch=index.ctx.workspace)
+    new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type), scratch=index.ctx.workspace,
+                                defer=view is weight)
     done = _finish(
         index, params, _restored(new_weight, restore), fold_bias(bias_vec, scale, shift), elem_type,
         weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
@@ -281,7 +283,7 @@ def _fold_gemm(node, producer, params: BatchNormParams, spec: ProducerSpec, inde
             c64 = np.broadcast_to(c64.reshape(-1), (params.channels,))
     scale, shift = params.affine()
     new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type), alpha=alpha,
-                                scratch=index.ctx.workspace)
+                                scratch=index.ctx.workspace, defer=view is weight)
     done = _finish(
         index, params, _restored(new_weight, restore), fold_bias(c64, scale, shift), elem_type,
         weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
@@ -342,7 +344,7 @@ def _fold_matmul(node, matmul, bias_add, params: BatchNormParams, spec: Producer
             b64 = np.broadcast_to(b64.reshape(-1), (params.channels,))
     scale, shift = params.affine()
     new_weight = scale_and_cast(weight, scale, axis=spec.channel_axis, dtype=np_dtype(elem_type),
-                                scratch=index.ctx.workspace)
+                                scratch=index.ctx.workspace, defer=True)
     done = _finish(
         index, params, new_weight, fold_bias(b64, scale, shift), elem_type,
         weight_name=weight_name, bias_name=bias_name, hint=matmul.name or node.output[0],

@@ -29,13 +29,15 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
 
-__all__ = ["MappedModel", "open_model", "active", "external_array", "release", "spill", "covers", "SPILL_MIN_BYTES"]
+__all__ = ["MappedModel", "open_model", "active", "external_array", "release", "spill", "defer", "defers", "covers",
+           "SPILL_MIN_BYTES"]
 
 #: New tensors at least this large go to the scratch file while a model is open (smaller ones
 #: cost less in memory than a file round trip).
@@ -44,6 +46,7 @@ SPILL_MIN_BYTES = 16 * 1024**2
 # Spilled tensors name their data with this prefix: never a valid file name in a model folder,
 # so a spilled tensor that escaped `save_model` fails loudly instead of reading a stranger's file.
 _SPILL_PREFIX = "<bnfold-scratch "
+_DEFERRED_PREFIX = "<bnfold-deferred "
 
 _ACTIVE: contextvars.ContextVar[MappedModel | None] = contextvars.ContextVar("bnfold_mapped_model", default=None)
 
@@ -56,6 +59,11 @@ class _Source:
     size: int
     map: mmap.mmap | None
     address: int = 0
+    deferred: Any = None  # a bnfold.folding.chunked.Deferred: bytes computed when read
+
+    def blocks(self) -> Iterator[memoryview]:
+        """The bytes of a deferred tensor, block by block."""
+        return self.deferred.blocks()
 
     def view(self, offset: int, length: int) -> memoryview:
         if self.map is None:  # an empty file maps nothing; lengths were checked against it
@@ -136,6 +144,24 @@ class MappedModel:
             entry.key, entry.value = key, value
         return True
 
+    def defer(self, tensor: onnx.TensorProto, deferred: Any) -> None:
+        """Make ``tensor`` refer to a folded weight computed only when it is read or written."""
+        location = f"{_DEFERRED_PREFIX}{secrets.token_hex(8)}>"
+        self._sources[location] = _Source(fd=-1, size=deferred.nbytes, map=None, deferred=deferred)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", "0"), ("length", str(deferred.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+    def owns(self, array: np.ndarray) -> bool:
+        """Whether ``array``'s bytes lie in one of this model's memory-mapped files."""
+        start = array.__array_interface__["data"][0]
+        end = start + array.nbytes
+        return any(source.map is not None and source.address <= start and end <= source.address + source.size
+                   for source in self._sources.values())
+
     def _mapped(self, source: _Source) -> _Source:
         if source.map is None and source.size:
             source.map = mmap.mmap(source.fd, source.size, access=mmap.ACCESS_READ)
@@ -148,8 +174,9 @@ class MappedModel:
             if source.map is not None:
                 with contextlib.suppress(BufferError):  # a view still alive: freed with it
                     source.map.close()
-            with contextlib.suppress(OSError):
-                os.close(source.fd)
+            if source.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(source.fd)
         self._sources.clear()
         self._files.clear()
         if self._scratch is not None:
@@ -176,6 +203,10 @@ def external_array(tensor: onnx.TensorProto, dtype: np.dtype) -> np.ndarray:
     if span is None:
         raise BnfoldError(f"tensor '{tensor.name}' is stored as external data that was not loaded")
     source, offset, length = span
+    if source.deferred is not None:  # a folded weight read again by a later fold: compute it now
+        values = source.deferred.materialize()
+        values.flags.writeable = False
+        return values
     view = store._mapped(source).view(offset, length)  # noqa: SLF001 - same module
     count = length // dtype.itemsize
     return np.frombuffer(view, dtype=dtype, count=count).reshape(tuple(tensor.dims))
@@ -201,6 +232,23 @@ def release(array: np.ndarray) -> None:
             if last > first:
                 source.map.madvise(mmap.MADV_DONTNEED, first, last - first)
             return
+
+
+def defers(array: np.ndarray) -> bool:
+    """Whether a fold may leave its result computed from ``array`` to the writer (`Deferred`):
+    ``array`` is a large, C-contiguous view of the open model's files, and the model writes new
+    tensors to disk (it has a scratch folder)."""
+    store = _ACTIVE.get()
+    return (store is not None and store.scratch_dir is not None and array.nbytes >= SPILL_MIN_BYTES
+            and array.flags.c_contiguous and store.owns(array))
+
+
+def defer(tensor: onnx.TensorProto, deferred: Any) -> None:
+    """Make ``tensor`` refer to ``deferred`` (a `bnfold.folding.chunked.Deferred`) in the open model."""
+    store = _ACTIVE.get()
+    if store is None:
+        raise AssertionError("a deferred tensor outlived the model it reads")
+    store.defer(tensor, deferred)
 
 
 def spill(tensor: onnx.TensorProto, array: np.ndarray) -> bool:

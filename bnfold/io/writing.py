@@ -182,6 +182,15 @@ class _DataWriter:
     def _copy(self, span, start: int) -> int:
         """Copy a byte range of a data file in large chunks, never through protobuf."""
         source, offset, length = span
+        if source.deferred is not None:  # a folded weight computed now, block by block
+            done = 0
+            for block in source.blocks():
+                self.digest.update(block)
+                self._write(block, start + done)
+                done += len(block)
+            if done != length:
+                raise AssertionError(f"deferred tensor gave {done} bytes, not {length}")
+            return length
         if self._buffer is None:
             self._buffer = bytearray(_COPY_BYTES)
         view = memoryview(self._buffer)
@@ -340,7 +349,10 @@ def _inline_mapped(model: onnx.ModelProto, store) -> None:
         if span is None:
             continue
         source, offset, length = span
-        data = os.pread(source.fd, length, offset) if length else b""
+        if source.deferred is not None:
+            data = b"".join(bytes(block) for block in source.blocks())
+        else:
+            data = os.pread(source.fd, length, offset) if length else b""
         if len(data) != length:
             raise BnfoldError(f"tensor '{tensor.name}': its data file changed while being read")
         tensor.raw_data = data
