@@ -136,7 +136,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
             "bn_folded": report.folded,
             "bn_total": report.total,
             "fold": report.to_dict(),
-            "tensor_map": {name: new for entry in report.entries for name, new in entry.tensor_map.items()},
+            "tensor_map": _merged_tensor_map(report),
             "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
             "size_bytes": {"before": size_before, "after": None},
         })
@@ -163,6 +163,15 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         if json_path is not None:
             write_json(json_path, result)
         return ConvertResult(data=result, report=report, verification=verification)
+
+
+def _merged_tensor_map(report) -> dict[str, list[str]]:
+    """Every entry's tensor map in one: original tensor -> every new tensor computed from it."""
+    merged: dict[str, list[str]] = {}
+    for entry in report.entries:
+        for name, news in entry.tensor_map.items():
+            merged.setdefault(name, []).extend(new for new in news if new not in merged[name])
+    return merged
 
 
 def _stage(folded: onnx.ModelProto, out: Path, external: bool, stack: contextlib.ExitStack):

@@ -19,7 +19,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bn_affine", "fold_affine", "fold_bias", "fold_affine_into_consumer", "fold_batchnorm", "check_representable"]
+__all__ = [
+    "bn_affine",
+    "compose_affine",
+    "affine_step",
+    "fold_affine",
+    "fold_affine_general",
+    "fold_bias",
+    "fold_bias_general",
+    "fold_affine_into_consumer",
+    "fold_affine_into_gemm_input",
+    "fold_batchnorm",
+    "check_representable",
+]
 
 
 def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -28,6 +40,30 @@ def bn_affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarra
     scale = np.asarray(gamma, dtype=np.float64) / np.sqrt(var + float(eps))
     shift = np.asarray(beta, dtype=np.float64) - np.asarray(mean, dtype=np.float64) * scale
     return scale, shift
+
+
+def compose_affine(scale, shift, then_scale, then_shift) -> tuple[np.ndarray, np.ndarray]:
+    """``z -> then_scale * (scale * z + shift) + then_shift`` as one ``(scale, shift)``."""
+    return scale * then_scale, shift * then_scale + then_shift
+
+
+def affine_step(scale, shift, op: str, c, *, value_first: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """The affine map ``z -> scale * z + shift`` followed by an elementwise ``op`` with ``c``.
+
+    ``value_first``: the running value is the op's first operand (``v - c``, ``v / c``) rather
+    than its second (``c - v``, ``c / v``). Returns the new ``(scale, shift)``, or None if the
+    result is not an affine map of ``z`` with finite coefficients (``c / v``, or ``v / c`` with a
+    zero in ``c``).
+    """
+    if op == "Add":
+        return scale, shift + c
+    if op == "Sub":
+        return (scale, shift - c) if value_first else (-scale, c - shift)
+    if op == "Mul":
+        return scale * c, shift * c
+    if op == "Div" and value_first and np.all(c != 0):
+        return scale / c, shift / c
+    return None
 
 
 def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
@@ -57,11 +93,46 @@ def fold_affine(weight, bias, scale, shift, *, axis: int, out: np.ndarray | None
 
 
 def fold_bias(bias, scale, shift) -> np.ndarray:
-    """``b' = shift + b * scale`` in float64 (``shift`` when there is no bias): the bias half of
+    """``b' = shift + b * scale`` in float64 (``shift`` without a bias): the bias half of
     `fold_affine`, for callers that compute the weight in blocks (`bnfold.folding.chunked`)."""
     scale = np.asarray(scale, dtype=np.float64)
     shift = np.asarray(shift, dtype=np.float64)
     return shift if bias is None else shift + np.asarray(bias, dtype=np.float64) * scale
+
+
+def fold_affine_general(weight, c, scale, shift, *, axis: int, alpha: float = 1.0, beta: float = 1.0,
+                        out: np.ndarray | None = None):
+    """Fold ``y = scale * Y + shift`` into ``Y = alpha * A B + beta * C`` (ONNX Gemm; a MatMul and
+    its bias Add, or a convolution with a (C,) bias, are ``alpha = beta = 1``), giving a node with
+    ``alpha = beta = 1``::
+
+        B' = alpha * B * scale        C' = shift + scale * beta * C
+
+    ``axis`` is the axis of ``B`` holding output columns. ``C`` is None, a scalar, (N,), (1, N),
+    (M, 1) or (M, N): the formula is exact elementwise for every shape that broadcasts to (M, N);
+    a scalar or (N,) ``C`` becomes (N,). Returns float64 ``(B', C')``.
+    """
+    scale = np.asarray(scale, dtype=np.float64)
+    c64 = _gemm_c(c, scale, beta)
+    # alpha = 1 (the ONNX default) needs no float64 copy of the weight: fold_affine widens it.
+    w = weight if alpha == 1.0 else alpha * np.asarray(weight, dtype=np.float64)
+    return fold_affine(w, c64, scale, shift, axis=axis, out=out)
+
+
+def fold_bias_general(c, scale, shift, *, beta: float = 1.0) -> np.ndarray:
+    """``C' = shift + scale * beta * C``: the bias half of `fold_affine_general` (its weight half
+    is computed in blocks by `bnfold.folding.chunked.scale_and_cast`)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    return fold_bias(_gemm_c(c, scale, beta), scale, shift)
+
+
+def _gemm_c(c, scale: np.ndarray, beta: float) -> np.ndarray | None:
+    if c is None:
+        return None
+    c64 = beta * np.asarray(c, dtype=np.float64)
+    if c64.ndim < 2:  # scalar, (1,) or (N,): one value per column
+        c64 = np.broadcast_to(c64.reshape(-1), (scale.shape[0],))
+    return c64
 
 
 def fold_affine_into_consumer(weight, bias, scale, shift, *, in_axis: int, out_axis: int, groups: int = 1):
@@ -106,6 +177,24 @@ def fold_affine_into_consumer(weight, bias, scale, shift, *, in_axis: int, out_a
     delta = (w * per_out_shift[taps]).reshape(c_out, -1).sum(axis=1)
     new_bias = delta if bias is None else np.asarray(bias, dtype=np.float64) + delta
     return np.moveaxis(new_w, (0, 1), (out_axis, in_axis)), new_bias
+
+
+def fold_affine_into_gemm_input(weight, c, scale, shift, *, in_axis: int, out_axis: int, alpha: float = 1.0,
+                                beta: float = 1.0):
+    """Fold ``x -> scale * x + shift`` (per column of ``A``) into ``Y = alpha * A B + beta * C``
+    (ONNX Gemm with ``transA = 0``; a MatMul is ``alpha = beta = 1`` without ``C``)::
+
+        B' = B * scale                C' = beta * C + alpha * (shift B)
+
+    for a Gemm that keeps ``alpha`` and has ``beta = 1``. ``in_axis`` / ``out_axis``: the axes of
+    ``B`` contracted with ``A`` and holding output columns. ``C`` keeps its shape (any shape that
+    broadcasts to (M, N)); without ``C``, ``C'`` is (N,). Returns float64 ``(B', C')``.
+    """
+    weight64, delta = fold_affine_into_consumer(weight, None, scale, shift, in_axis=in_axis, out_axis=out_axis)
+    bias64 = alpha * delta
+    if c is not None:
+        bias64 = beta * np.asarray(c, dtype=np.float64) + bias64  # broadcasts like C did
+    return weight64, bias64
 
 
 def fold_batchnorm(weight, bias, gamma, beta, mean, var, eps: float, *, axis: int, dtype=None):

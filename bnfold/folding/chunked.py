@@ -4,8 +4,9 @@
 256 MiB float32 weight is 512 MiB, so the weight of a producer fold is computed here in blocks of
 rows (axis 0, contiguous in memory) with the same element-wise operations: widen to float64,
 (Gemm: multiply by ``alpha``), multiply by the channel's scale, check the range, cast once, flush
-subnormals. Every element sees exactly the operations of the whole-array computation, so the
-result is bit-identical to ``cast_folded(fold_affine(...)[0])``; memory is one block of float64
+subnormals (`bnfold.folding.casting`). Every element sees exactly the operations of the
+whole-array computation, so the result is bit-identical to
+``cast_folded(fold_affine_general(...)[0])``; memory is one block of float64
 plus the result. A block read from a memory-mapped weight is released once used
 (`bnfold.io.mapped.release`), so the input's pages do not accumulate either.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnfold.folding.algebra import _finfo
+from bnfold.folding.casting import flush_subnormals
 
 __all__ = ["Cast", "Deferred", "scale_and_cast", "BLOCK_BYTES"]
 
@@ -38,14 +40,6 @@ def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = -1
     return vector.reshape(shape)
-
-
-def _smallest_normal(dtype: np.dtype) -> float | None:
-    """As the cast of `GraphIndex.cast_folded`: the smallest normal value, None for non-floats."""
-    try:
-        return float(_finfo(dtype).tiny)
-    except (TypeError, ValueError, ImportError, AttributeError):
-        return None
 
 
 @dataclass
@@ -145,7 +139,6 @@ def _blocks(weight, scale, axis, dtype, alpha, scratch):
     buffer = np.empty(block_shape, dtype=np.float64) if scratch is None else scratch(block_shape)
     whole = _along(scale, axis, weight.ndim)
     floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"
-    tiny = _smallest_normal(dtype)
     for start in range(0, weight.shape[0], rows):
         block = weight[start:start + rows]
         w64 = buffer[: block.shape[0]]
@@ -162,12 +155,4 @@ def _blocks(weight, scale, axis, dtype, alpha, scratch):
         block_low = float(w64.min()) if floating else 0.0
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller
             cast = w64.astype(dtype)
-        flushed = 0
-        if tiny is not None:
-            probe = cast if cast.dtype.kind == "f" else cast.astype(np.float32)
-            subnormal = (probe < tiny) & (probe > -tiny)
-            if subnormal.any():
-                subnormal &= probe != 0
-                flushed = int(np.count_nonzero(subnormal))
-                cast[subnormal] = 0
-        yield start, cast, block_high, block_low, flushed
+        yield start, cast, block_high, block_low, flush_subnormals(cast)

@@ -23,8 +23,8 @@ Rules (cited in the code as "rule N"):
 3. The chain ends at its last Add / Mul / Sub / Div or BN; it is a BN-like chain, folded and reported,
    only if it scales (has a Mul or Div): a bare bias Add is not a BN, and is left to rule 4 of
    `bnfold.folding.into_producer` or to the model as it is.
-4. The collapsed ``(scale, shift)`` (float64) is folded into the producer by the code of
-   `bnfold.folding.into_producer` for Conv / ConvTranspose / Gemm; a MatMul becomes
+4. The collapsed ``(scale, shift)`` (float64) is folded into the producer by
+   `bnfold.folding.into_producer.fold_into_linear` for Conv / ConvTranspose / Gemm; a MatMul becomes
    ``MatMul(A, W') -> Add(b')`` (exact for any rank of ``A``: the bias broadcasts along the last
    axis, which is the channel axis). The chain's Transposes are kept, in order, after the
    producer; its Casts, Identities and arithmetic nodes are removed; the chain's final value
@@ -52,27 +52,21 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.folding import into_producer
-from bnfold.folding.algebra import fold_affine
-from bnfold.folding.graph import (
-    ChainSkip,
-    GraphIndex,
-    Rewrite,
-    Skip,
-    get_attr,
-    node_label,
-    np_dtype,
-    pattern,
-    replace_node,
-    validate_batchnorm,
-)
+from bnfold.folding.algebra import affine_step, compose_affine, fold_affine
+from bnfold.folding.batchnorm import read_batchnorm, validate_batchnorm
+from bnfold.folding.casting import FLOAT_TYPES, cast_folded
+from bnfold.folding.finish import bn_sources, cast_and_name, finish
+from bnfold.folding.index import GraphIndex
+from bnfold.folding.into_producer import LinearFold, fold_into_linear
+from bnfold.folding.linear_ops import LINEAR_OPS
+from bnfold.folding.nodes import get_attr, is_default, node_label, replace_node
+from bnfold.folding.patterns import ChainSkip, Rewrite, Skip, pattern
+from bnfold.folding.tensors import np_dtype
 
 __all__ = ["PATTERNS", "fold_decomposed_chain", "decompose_rest", "AffineChain", "collapse_chain"]
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
 _BN = "BatchNormalization"
 _PASS_THROUGH = frozenset({"Cast", "Identity", "Transpose"})
@@ -84,7 +78,8 @@ class AffineChain:
 
     ``nodes`` are the chain's nodes in order (ending at its last arithmetic node);
     ``transposes`` the Transpose nodes among them; ``constants`` maps each arithmetic node's
-    constant input name to ``"weight"`` (Mul / Div: it scales) or ``"bias"`` (Add / Sub).
+    constant input name (and each BN parameter) to ``"scale"`` (it reaches ``scale`` and ``shift``:
+    Mul, Div, gamma, var) or ``"shift"`` (it reaches ``shift`` only: Add, Sub, beta, mean).
     """
 
     nodes: list[onnx.NodeProto]
@@ -105,13 +100,14 @@ class AffineChain:
     def scales(self) -> bool:
         return any(n.op_type in ("Mul", "Div", _BN) for n in self.nodes)
 
-    # The attributes the fold code of `bnfold.folding.into_producer` reads from BN parameters.
     @property
     def channels(self) -> int:
         return int(self.scale.shape[0])
 
-    def affine(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.scale, self.shift
+    def sources(self) -> tuple[list[str], list[str]]:
+        """``(scale sources, shift sources)``: the chain's constants each reaches."""
+        scale_from = [name for name, role in self.constants.items() if role == "scale"]
+        return scale_from, list(self.constants)
 
 
 def _per_channel(value: np.ndarray, rank: int | None, axis: int, channels: int) -> np.ndarray | None:
@@ -160,7 +156,7 @@ def collapse_chain(
         if len(readers) != 1:
             break
         (node,) = readers
-        if node.domain not in _DEFAULT_DOMAINS or not node.output or not node.output[0]:
+        if not is_default(node) or not node.output or not node.output[0]:
             break
         op = node.op_type
         if op in _PASS_THROUGH:
@@ -179,8 +175,8 @@ def collapse_chain(
             if step is None:
                 break
             c_scale, c_shift, names = step
-            scale, shift = scale * c_scale, shift * c_scale + c_shift
-            constants.update(names)
+            scale, shift = compose_affine(scale, shift, c_scale, c_shift)
+            _merge_roles(constants, names)
         elif op in _ARITHMETIC:
             operand = _constant_operand(node, current, index)
             if operand is None:
@@ -189,19 +185,11 @@ def collapse_chain(
             c = _per_channel(value, rank, axis, channels)
             if c is None:
                 break
-            if op == "Add":
-                shift = shift + c
-            elif op == "Sub" and current_first:
-                shift = shift - c
-            elif op == "Sub":
-                scale, shift = -scale, c - shift
-            elif op == "Mul":
-                scale, shift = scale * c, shift * c
-            elif current_first and np.all(c != 0):
-                scale, shift = scale / c, shift / c
-            else:
-                break  # c / z is not affine; z / 0 is not finite
-            constants[name] = "weight" if op in ("Mul", "Div") else "bias"
+            step = affine_step(scale, shift, op, c, value_first=current_first)
+            if step is None:
+                break
+            scale, shift = step
+            _merge_roles(constants, {name: "scale" if op in ("Mul", "Div") else "shift"})
         else:
             break
         walked.append(node)
@@ -212,6 +200,12 @@ def collapse_chain(
             )
         current = node.output[0]
     return kept
+
+
+def _merge_roles(constants: dict[str, str], roles: dict[str, str]) -> None:
+    """Record the roles of a step's constants; a constant that scales anywhere is a "scale" one."""
+    for name, role in roles.items():
+        constants[name] = "scale" if role == "scale" else constants.get(name, "shift")
 
 
 def _batchnorm_step(node: onnx.NodeProto, current: str, index: GraphIndex, walked: list[onnx.NodeProto], *,
@@ -233,11 +227,11 @@ def _batchnorm_step(node: onnx.NodeProto, current: str, index: GraphIndex, walke
     if int(get_attr(node, "training_mode", 0)) or node_label(node) in index.options.exclude:
         return None
     validate_batchnorm(node, index)
-    params = index.read_batchnorm(node)
+    params = read_batchnorm(node, index)
     if isinstance(params, Skip) or params.channels != channels:
         return None
     c_scale, c_shift = params.affine()
-    roles = {"scale": "weight", "var": "weight", "bias": "bias", "mean": "bias"}
+    roles = {"scale": "scale", "var": "scale", "bias": "shift", "mean": "shift"}
     return c_scale, c_shift, {name: roles[role] for role, name in params.names.items()}
 
 
@@ -268,34 +262,30 @@ def _transpose_axis(node: onnx.NodeProto, rank: int | None, axis: int) -> tuple[
 
 
 def _producer_layout(producer: onnx.NodeProto, index: GraphIndex) -> tuple[int, int | None, int, int] | None:
-    """``(channels, rank, axis, elem_type)`` of the producer's output (rule 1), or None."""
-    weight_name = producer.input[1] if len(producer.input) > 1 else ""
+    """``(channels, rank, axis, elem_type)`` of the producer's output (rule 1), or None.
+
+    ``axis`` is the output's channel axis counted from the end (`LINEAR_OPS`' ``output_axis``).
+    """
+    op = LINEAR_OPS[producer.op_type]
+    weight_name = op.weight_name(producer)
     weight = index.constant(weight_name) if weight_name else None
     elem_type = index.elem_type(weight_name) if weight is not None else None
-    if weight is None or elem_type not in _FLOATS:
+    if weight is None or elem_type not in FLOAT_TYPES or not op.weight_rank_ok(weight.ndim):
         return None
-    op = producer.op_type
-    if op in ("Conv", "ConvTranspose"):
-        if weight.ndim < 3:
-            return None
-        group = int(get_attr(producer, "group", 1))  # ONNX default
-        channels = weight.shape[0] if op == "Conv" else weight.shape[1] * group
-        return channels, weight.ndim, 1 - weight.ndim, elem_type
-    if weight.ndim != 2:
-        return None
-    if op == "Gemm":
-        channels = weight.shape[0] if int(get_attr(producer, "transB", 0)) else weight.shape[1]
-        return channels, 2, -1, elem_type
-    rank = index.rank(producer.output[0])
+    channels = op.layout(producer).output_channels(weight.shape)
+    rank = op.output_rank(weight.ndim)
+    if rank is None:
+        rank = index.rank(producer.output[0])
     if rank is None:
         rank = index.rank(producer.input[0])
-    return weight.shape[1], rank, -1, elem_type
+    axis = op.output_axis if op.output_axis < 0 else op.output_axis - rank
+    return channels, rank, axis, elem_type
 
 
 @pattern("decomposed-bn", "Conv", "ConvTranspose", "Gemm", "MatMul")
 def fold_decomposed_chain(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | None:
     """Fold a per-channel Mul/Add/Sub/Div chain after linear node ``node`` into it (rules 1-4)."""
-    if node.domain not in _DEFAULT_DOMAINS or not node.output or not node.output[0]:
+    if not is_default(node) or not node.output or not node.output[0]:
         return None
     readers = index.users(node.output[0])
     if len(readers) != 1:
@@ -322,71 +312,55 @@ def fold_decomposed_chain(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | 
         return ChainSkip("excluded", chain.first_scaling)
     target = node.output[0] if chain.transposes else chain.final
     if node.op_type == "MatMul":
-        result = _fold_matmul(node, chain, target, index)
+        folded = _fold_matmul(node, chain, target, index)
     else:
-        stand_in = onnx.helper.make_node("Identity", [], [target])
-        result = into_producer.fold_affine_into_linear(stand_in, node, _ChainParams(chain, node.input[1]), index)
-    if isinstance(result, Skip):
-        log.debug("decomposed BN after %s not folded: %s", node_label(node), result.reason)
-        return ChainSkip(f"decomposed BN after {node.op_type} '{node_label(node)}' not folded: {result.reason}",
+        folded = fold_into_linear(node, (chain.scale, chain.shift), chain.channels, index, output=target)
+    if isinstance(folded, Skip):
+        log.debug("decomposed BN after %s not folded: %s", node_label(node), folded.reason)
+        return ChainSkip(f"decomposed BN after {node.op_type} '{node_label(node)}' not folded: {folded.reason}",
                          chain.first_scaling)
-    return _finish(node, chain, result)
+    return _finish(node, chain, folded)
 
 
-class _ChainParams:
-    """The BN-parameter view `into_producer`'s fold code reads (channels, affine(), names)."""
+def _finish(producer: onnx.NodeProto, chain: AffineChain, folded: LinearFold) -> Rewrite:
+    """Re-target a producer fold to the chain: keep its Transposes, remove the rest (rule 4).
 
-    def __init__(self, chain: AffineChain, weight_name: str) -> None:
-        self.chain = chain
-        self.channels = chain.channels
-        # Names of BN roles for its tensor_map; the chain's constants are mapped in `_finish`.
-        self.names = {role: weight_name for role in ("scale", "bias", "mean", "var")}
-
-    def affine(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.chain.affine()
-
-
-def _finish(producer: onnx.NodeProto, chain: AffineChain, rewrite: Rewrite) -> Rewrite:
-    """Re-target a producer fold to the chain: keep its Transposes, remove the rest (rule 4)."""
-    ((_, new_nodes),) = rewrite.replace
-    new_producer = new_nodes[-1]
-    previous = new_producer.output[0]
+    The new weight reads the producer's weight and the chain's scaling constants; the new bias
+    reads the producer's bias and every constant of the chain.
+    """
+    new_nodes = folded.nodes
+    previous = new_nodes[-1].output[0]
     transposes = []
     for i, transpose in enumerate(chain.transposes):
         out = chain.final if i == len(chain.transposes) - 1 else transpose.output[0]
         transposes.append(replace_node(transpose, inputs=[previous], outputs=[out]))
         previous = out
-    new_weight = next(n for n in new_nodes if n.op_type == producer.op_type).input[1]
-    new_bias = new_producer.input[-1] if new_producer.op_type == "Add" else new_nodes[0].input[2]
-    tensor_map = dict(rewrite.tensor_map)
-    for name, role in chain.constants.items():
-        tensor_map.setdefault(name, new_weight if role == "weight" else new_bias)
-    return Rewrite(
+    scale_from, shift_from = chain.sources()
+    return finish(
         into=node_label(producer), remove=list(chain.nodes), replace=[(producer, [*new_nodes, *transposes])],
-        constants=rewrite.constants, tensor_map=tensor_map, subnormals=rewrite.subnormals,
-        bn=chain.first_scaling,
+        constants=folded.constants, subnormals=folded.subnormals, bn=chain.first_scaling,
+        sources={folded.new_weight: [folded.weight, *scale_from], folded.new_bias: [folded.bias, *shift_from]},
     )
 
 
-def _fold_matmul(matmul: onnx.NodeProto, chain: AffineChain, target: str, index: GraphIndex) -> Rewrite | Skip:
+def _fold_matmul(matmul: onnx.NodeProto, chain: AffineChain, target: str, index: GraphIndex) -> LinearFold | Skip:
     """``MatMul(A, W) -> chain`` becomes ``MatMul(A, W') -> Add(b')`` (rule 4)."""
     if len(matmul.input) != 2:
         return Skip("MatMul does not have two inputs")
     weight_name = matmul.input[1]
     elem_type = index.elem_type(weight_name)
-    weight64, bias64 = fold_affine(index.constant(weight_name), None, chain.scale, chain.shift, axis=1)
+    out_axis = LINEAR_OPS["MatMul"].layout(matmul).out_axis
+    weight64, bias64 = fold_affine(index.constant(weight_name), None, chain.scale, chain.shift, axis=out_axis)
     hint = matmul.name or matmul.output[0]
-    folded = index.folded_tensors(weight64, bias64, elem_type, weight_name=weight_name, bias_name=None, hint=hint)
+    folded = cast_and_name(index, weight64, bias64, elem_type, weight_name=weight_name, bias_name=None, hint=hint)
     if isinstance(folded, Skip):
         return folded
-    new_w, new_b = folded.weight, folded.bias
     product = matmul.output[0] if matmul.output[0] != target else index.fresh_name(f"{hint}_product")
-    new_matmul = replace_node(matmul, inputs=[matmul.input[0], new_w], outputs=[product])
-    add = onnx.helper.make_node("Add", [product, new_b], [target], name=chain.nodes[-1].name)
-    return Rewrite(
-        into=node_label(matmul), replace=[(matmul, [new_matmul, add])],
-        constants=folded.constants, tensor_map={weight_name: new_w}, subnormals=folded.subnormals,
-    )
+    new_matmul = replace_node(matmul, inputs=[matmul.input[0], folded.weight], outputs=[product])
+    add = onnx.helper.make_node("Add", [product, folded.bias], [target], name=chain.nodes[-1].name)
+    return LinearFold(producer=matmul, nodes=[new_matmul, add], weight=weight_name, bias=None,
+                      new_weight=folded.weight, new_bias=folded.bias, constants=folded.constants,
+                      subnormals=folded.subnormals)
 
 
 @pattern("decompose-rest", "BatchNormalization")
@@ -394,7 +368,7 @@ def decompose_rest(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | 
     """Rule 5: BN -> Mul + Add by precomputed constants (only with ``decompose_rest``)."""
     if not index.options.decompose_rest:
         return None
-    params = index.read_batchnorm(node)
+    params = read_batchnorm(node, index)
     if isinstance(params, Skip):
         return params
     x, y = node.input[0], node.output[0]
@@ -411,10 +385,10 @@ def decompose_rest(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | 
         return Skip(f"not decomposed: element type of BN input '{x}' is unknown")
     scale, shift = params.affine()
     shape = (params.channels,) + (1,) * (rank - 2)
-    cast_s = index.cast_folded(scale.reshape(shape), elem_type, "decomposed BN scale")
+    cast_s = cast_folded(scale.reshape(shape), elem_type, "decomposed BN scale")
     if isinstance(cast_s, Skip):
         return cast_s
-    cast_t = index.cast_folded(shift.reshape(shape), elem_type, "decomposed BN shift")
+    cast_t = cast_folded(shift.reshape(shape), elem_type, "decomposed BN shift")
     if isinstance(cast_t, Skip):
         return cast_t
     label = node.name or y
@@ -423,11 +397,10 @@ def decompose_rest(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Skip | 
     scaled = index.fresh_name(f"{y}_scaled")
     mul = onnx.helper.make_node("Mul", [x, s_name], [scaled], name=f"{node.name}_mul" if node.name else "")
     add = onnx.helper.make_node("Add", [scaled, t_name], [y], name=f"{node.name}_add" if node.name else "")
-    names = params.names
-    tensor_map = {names["scale"]: s_name, names["var"]: s_name, names["bias"]: t_name, names["mean"]: t_name}
-    return Rewrite(
-        into=None, replace=[(node, [mul, add])], constants={s_name: cast_s[0], t_name: cast_t[0]},
-        tensor_map=tensor_map, status="decomposed", subnormals=cast_s[1] + cast_t[1],
+    scale_from, shift_from = bn_sources(params)
+    return finish(
+        into=None, remove=[], replace=[(node, [mul, add])], constants={s_name: cast_s[0], t_name: cast_t[0]},
+        sources={s_name: scale_from, t_name: shift_from}, status="decomposed", subnormals=cast_s[1] + cast_t[1],
     )
 
 

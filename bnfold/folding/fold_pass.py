@@ -13,7 +13,7 @@ Rules (cited in the code as "rule N"):
    (``training_mode=1``; ``is_test=0`` in versions 1 and 6; any running mean / variance output,
    which in versions 7 to 13 also selects training mode), or has ``spatial=0`` (versions 1 to 7)
    with statistics that are not one value per channel.
-5. Otherwise the patterns of `PATTERN_MODULES` are tried in order (into the producer, into the
+5. Otherwise the patterns of `PATTERNS` are tried in order (into the producer, into the
    consumer, decomposed Mul/Add); the first `Rewrite` is applied. If none folds, the BN is kept
    with the patterns' reasons.
 6. Afterwards initializers that folding left unused are removed (and, if they were also graph
@@ -24,7 +24,6 @@ Rules (cited in the code as "rule N"):
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Collection
@@ -34,47 +33,28 @@ import onnx
 from google.protobuf.message import Message
 
 from bnfold.errors import BnfoldError
-from bnfold.folding.graph import (
+from bnfold.folding import decomposed, into_consumer, into_producer
+from bnfold.folding.batchnorm import validate_batchnorm
+from bnfold.folding.context import FoldOptions, ModelContext
+from bnfold.folding.index import GraphIndex
+from bnfold.folding.nodes import (
+    DEFAULT_DOMAINS,
     AttributeRef,
-    ChainSkip,
-    FoldOptions,
-    GraphIndex,
-    Invalid,
-    ModelContext,
-    Pattern,
-    Rewrite,
-    Skip,
     attr_graphs,
     get_attr,
     node_label,
-    validate_batchnorm,
 )
+from bnfold.folding.patterns import ChainSkip, Invalid, Pattern, Rewrite, Skip
 from bnfold.folding.report import FoldEntry, FoldReport
 
-__all__ = ["fold", "FoldBatchNormPass", "PATTERN_MODULES", "load_patterns"]
+__all__ = ["fold", "FoldBatchNormPass", "PATTERNS"]
 
 log = logging.getLogger(__name__)
 
-#: Pattern modules, tried in this order; each exports ``PATTERNS``.
-PATTERN_MODULES = ("bnfold.folding.into_producer", "bnfold.folding.into_consumer", "bnfold.folding.decomposed")
+#: Every pattern, in the order they are tried (rule 5).
+PATTERNS: tuple[Pattern, ...] = (*into_producer.PATTERNS, *into_consumer.PATTERNS, *decomposed.PATTERNS)
 
 _BN = "BatchNormalization"
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-def load_patterns() -> list[Pattern]:
-    """The patterns of `PATTERN_MODULES`, in order."""
-    patterns: list[Pattern] = []
-    for module_name in PATTERN_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            log.debug("pattern module %s not available", module_name)
-            continue
-        patterns.extend(module.PATTERNS)
-    return patterns
 
 
 def fold(
@@ -115,7 +95,7 @@ class FoldBatchNormPass:
 
     def __init__(self, options: FoldOptions | None = None, patterns: list[Pattern] | None = None) -> None:
         self.options = options or FoldOptions()
-        self.patterns = load_patterns() if patterns is None else list(patterns)
+        self.patterns = list(PATTERNS if patterns is None else patterns)
         self._by_anchor: dict[str, list[Pattern]] = {}
         for pat in self.patterns:
             for anchor in pat.anchors:
@@ -162,7 +142,7 @@ class FoldBatchNormPass:
         for node in list(index.nodes):
             if index.is_removed(node):
                 continue
-            is_bn = node.op_type == _BN and node.domain in _DEFAULT_DOMAINS
+            is_bn = node.op_type == _BN and node.domain in DEFAULT_DOMAINS
             candidates = self._by_anchor.get(node.op_type, ())
             if not is_bn and not candidates:
                 continue
@@ -217,7 +197,7 @@ def _record(index: GraphIndex, node, rewrite: Rewrite | None, reason: str | None
     else:
         entry = FoldEntry(
             bn=node_label(node), graph=index.path, status=rewrite.status, into=rewrite.into,
-            tensor_map=dict(rewrite.tensor_map),
+            tensor_map={name: list(new) for name, new in rewrite.tensor_map.items()},
         )
     index.report.entries.append(entry)
 

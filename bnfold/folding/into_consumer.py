@@ -27,31 +27,31 @@ Rules (cited in the code as "rule N"):
    normalizes axis 1, the contraction axis only for rank 2): one ``Gemm(x, W', b')`` keeping
    the MatMul's name.
 6. Weights, biases and BN parameters must be constants; folded values are computed in float64,
-   cast once to the weight's dtype and checked for overflow (`GraphIndex.cast_folded`).
+   cast once to the weight's dtype and checked for overflow (`bnfold.folding.casting.cast_folded`).
+
+The axes come from `bnfold.folding.linear_ops.LINEAR_OPS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 
-from bnfold.folding.algebra import fold_affine_into_consumer
-from bnfold.folding.graph import (
-    BatchNormParams,
-    GraphIndex,
-    Invalid,
-    Rewrite,
-    Skip,
-    get_attr,
-    node_label,
-    pattern,
-    replace_node,
+from bnfold.folding.algebra import (
+    fold_affine_into_consumer,
+    fold_affine_into_gemm_input,
 )
+from bnfold.folding.batchnorm import BatchNormParams, read_batchnorm
+from bnfold.folding.casting import FLOAT_TYPES
+from bnfold.folding.finish import bn_sources, cast_and_name, finish
+from bnfold.folding.index import GraphIndex
+from bnfold.folding.linear_ops import LINEAR_OPS, LinearOp, WeightLayout, linear_op
+from bnfold.folding.nodes import get_attr, is_default, node_label
+from bnfold.folding.patterns import Invalid, Rewrite, Skip, pattern
 
 __all__ = ["PATTERNS", "fold_into_consumer"]
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 @pattern("bn-into-consumer", "BatchNormalization")
@@ -65,15 +65,15 @@ def fold_into_consumer(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Ski
     if len(linear) != 1:
         return Skip(f"BN output '{y}' is read by {len(linear)} nodes, not one linear node")
     consumer = linear[0]
-    handler = _CONSUMERS.get(consumer.op_type) if consumer.domain in _DEFAULT_DOMAINS else None
-    if handler is None:
+    op = linear_op(consumer)
+    if op is None:
         return Skip(f"consumer {consumer.op_type} '{node_label(consumer)}' is not a linear node bnfold folds into")
     if consumer.input[0] != y or y in consumer.input[1:]:
         return Skip(f"BN output is not only the data input of {consumer.op_type} '{node_label(consumer)}'")  # rule 1
-    params = index.read_batchnorm(node)
+    params = read_batchnorm(node, index)
     if isinstance(params, Skip):
         return params
-    return handler(node, consumer, params, index)
+    return _FOLDS[op.op_type](node, consumer, op, params, index)
 
 
 #: Ops through which a computed bias reaches its Conv / Gemm (see `_reads_dtype_for_bias_of`).
@@ -88,7 +88,7 @@ def _reads_dtype_for_bias_of(user: onnx.NodeProto, y: str, users, index: GraphIn
     reaches nothing but the bias input of another reader of ``y`` (which the fold replaces, so
     the whole computed bias is dropped with it).
     """
-    if user.op_type != "CastLike" or user.domain not in _DEFAULT_DOMAINS or list(user.input[1:]) != [y]:
+    if user.op_type != "CastLike" or not is_default(user) or list(user.input[1:]) != [y]:
         return False
     if user.input[0] == y:
         return False
@@ -103,32 +103,55 @@ def _reads_dtype_for_bias_of(user: onnx.NodeProto, y: str, users, index: GraphIn
         is_bias = list(reader.input[2:3]) == [name] and name not in reader.input[:2]
         if is_bias and reader is not user and any(reader is u for u in users):
             return True
-        if reader.op_type not in _BIAS_PATH_OPS or reader.domain not in _DEFAULT_DOMAINS:
+        if reader.op_type not in _BIAS_PATH_OPS or not is_default(reader):
             return False
         name = reader.output[0]
     return False
 
 
-def _weight(index: GraphIndex, consumer: onnx.NodeProto) -> tuple[str, np.ndarray, int] | Skip:
-    name = consumer.input[1] if len(consumer.input) > 1 else ""
+def _weight(index: GraphIndex, consumer: onnx.NodeProto, op: LinearOp, rank_note: str = "",
+            ) -> tuple[str, np.ndarray, int] | Skip:
+    """``(name, value, elem_type)`` of a constant float weight of the rank the op needs, or `Skip`."""
+    name = op.weight_name(consumer)
     if not name:
         return Skip(f"{consumer.op_type} '{node_label(consumer)}' has no weight input")
     value = index.constant(name)
     if value is None:
-        return Skip(f"weight is not constant: {index.nonconstant_reason(name)}")
+        return Skip(f"weight is not constant: {index.constants.reason(name)}")
     elem_type = index.elem_type(name)
-    if elem_type not in _FLOATS:
+    if elem_type not in FLOAT_TYPES:
         return Skip(f"weight '{name}' has element type {elem_type}, not a float type")
+    if not op.weight_rank_ok(value.ndim):
+        return Skip(f"{op.op_type} weight '{name}' has rank {value.ndim}{rank_note}")
     return name, value, elem_type
 
 
-def _bias(index: GraphIndex, consumer: onnx.NodeProto) -> tuple[str | None, np.ndarray | None] | Skip:
-    name = consumer.input[2] if len(consumer.input) > 2 and consumer.input[2] else None
+def _contracted_weight(consumer: onnx.NodeProto, op: LinearOp, params: BatchNormParams, index: GraphIndex, *,
+                       rank_note: str, unit: str) -> tuple[str, np.ndarray, int, WeightLayout] | Skip:
+    """Gemm / MatMul weight whose contracted axis must hold the BN's channels (rules 4 and 5).
+
+    A mismatch is `Invalid`: the BN output has as many channels as its parameters have values.
+    """
+    found = _weight(index, consumer, op, rank_note)
+    if isinstance(found, Skip):
+        return found
+    weight_name, weight, elem_type = found
+    layout = op.layout(consumer)
+    if layout.input_channels(weight.shape) != params.channels:
+        return Invalid(
+            f"{op.op_type} '{node_label(consumer)}' contracts {weight.shape[layout.in_axis]} {unit} but the BN"
+            f" parameters have {params.channels} values"
+        )
+    return weight_name, weight, elem_type, layout
+
+
+def _bias(index: GraphIndex, consumer: onnx.NodeProto, op: LinearOp) -> tuple[str | None, np.ndarray | None] | Skip:
+    name = op.bias_name(consumer)
     if name is None:
         return None, None
     value = index.constant(name)
     if value is None:
-        return Skip(f"bias is not constant: {index.nonconstant_reason(name)}")
+        return Skip(f"bias is not constant: {index.constants.reason(name)}")
     return name, value
 
 
@@ -148,61 +171,49 @@ def _conv_padding_reason(consumer: onnx.NodeProto, kernel: tuple[int, ...]) -> s
     return None
 
 
-def _finish(
-    node: onnx.NodeProto,
-    consumer: onnx.NodeProto,
-    params: BatchNormParams,
-    index: GraphIndex,
-    *,
-    weight: tuple[str, np.ndarray],
-    bias: tuple[str | None, np.ndarray],
-    elem_type: int,
-    make_node,
-) -> Rewrite | Skip:
-    """Cast the float64 results, reserve names, and build the Rewrite (rule 6)."""
+def _finish(node: onnx.NodeProto, consumer: onnx.NodeProto, params: BatchNormParams, index: GraphIndex, *,
+            weight: tuple[str, np.ndarray], bias: tuple[str | None, np.ndarray], elem_type: int,
+            make_node: Callable[[str, str], onnx.NodeProto]) -> Rewrite | Skip:
+    """Cast the float64 results, reserve names, and build the Rewrite (rule 6).
+
+    ``W' = W * s`` reads W, gamma and var; ``b' = b + W t`` reads b, W and every BN parameter.
+    """
     (weight_name, weight64), (bias_name, bias64) = weight, bias
-    folded = index.folded_tensors(weight64, bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
-                                  hint=consumer.name or consumer.output[0])
+    folded = cast_and_name(index, weight64, bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
+                           hint=consumer.name or consumer.output[0])
     if isinstance(folded, Skip):
         return folded
-    new_w, new_b = folded.weight, folded.bias
-    tensor_map = {weight_name: new_w}
-    if bias_name:
-        tensor_map[bias_name] = new_b
-    names = params.names
-    # gamma and var set the scale (weight); beta and mean only reach the bias.
-    for role, target in (("scale", new_w), ("var", new_w), ("bias", new_b), ("mean", new_b)):
-        tensor_map.setdefault(names[role], target)
-    new_node = make_node(new_w, new_b)
-    return Rewrite(
-        into=node_label(consumer), remove=[node], replace=[(consumer, [new_node])],
-        constants=folded.constants, tensor_map=tensor_map, subnormals=folded.subnormals,
+    scale_from, shift_from = bn_sources(params)
+    return finish(
+        into=node_label(consumer), remove=[node], replace=[(consumer, [make_node(folded.weight, folded.bias)])],
+        constants=folded.constants, subnormals=folded.subnormals,
+        sources={folded.weight: [weight_name, *scale_from], folded.bias: [bias_name, weight_name, *shift_from]},
     )
 
 
-def _fold_conv(node, consumer, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
+def _fold_conv(node, consumer, op: LinearOp, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
     """Rule 2."""
-    found = _weight(index, consumer)
+    found = _weight(index, consumer, op)
     if isinstance(found, Skip):
         return found
     weight_name, weight, elem_type = found
-    if weight.ndim < 3:
-        return Skip(f"Conv weight '{weight_name}' has rank {weight.ndim}")
     reason = _conv_padding_reason(consumer, tuple(weight.shape[2:]))
     if reason is not None:
         return Skip(reason)
-    group = int(get_attr(consumer, "group", 1))  # ONNX Conv default: 1
-    c_out, c_in_group = weight.shape[:2]
-    if c_in_group * group != params.channels:
+    layout = op.layout(consumer)
+    c_out, c_in = layout.output_channels(weight.shape), layout.input_channels(weight.shape)
+    if c_in != params.channels:
         # The BN output has as many channels as its parameters have values (ONNX BatchNormalization:
         # (C,)), and Conv needs C = C_in/group * group: one of the two nodes is invalid.
         return Invalid(
-            f"Conv '{node_label(consumer)}' reads {c_in_group * group} input channels (group {group})"
+            f"Conv '{node_label(consumer)}' reads {c_in} input channels (group {layout.groups})"
             f" but the BN parameters have {params.channels} values"
         )
-    if c_out % group:
-        return Skip(f"Conv '{node_label(consumer)}' has {c_out} output channels, not a multiple of group {group}")
-    found_bias = _bias(index, consumer)
+    if c_out % layout.groups:
+        return Skip(
+            f"Conv '{node_label(consumer)}' has {c_out} output channels, not a multiple of group {layout.groups}"
+        )
+    found_bias = _bias(index, consumer, op)
     if isinstance(found_bias, Skip):
         return found_bias
     bias_name, bias = found_bias
@@ -210,15 +221,16 @@ def _fold_conv(node, consumer, params: BatchNormParams, index: GraphIndex) -> Re
         return Skip(f"Conv bias '{bias_name}' has shape {bias.shape}")
     bias_vec = None if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (c_out,))
     scale, shift = params.affine()
-    weight64, bias64 = fold_affine_into_consumer(weight, bias_vec, scale, shift, in_axis=1, out_axis=0, groups=group)
+    weight64, bias64 = fold_affine_into_consumer(weight, bias_vec, scale, shift, in_axis=layout.in_axis,
+                                                 out_axis=layout.out_axis, groups=layout.groups)
     return _finish(
         node, consumer, params, index, weight=(weight_name, weight64), bias=(bias_name, bias64),
         elem_type=elem_type,
-        make_node=lambda w, b: replace_node(consumer, inputs=[node.input[0], w, b]),
+        make_node=lambda w, b: op.rebuild(consumer, data=node.input[0], weight=w, bias=b, outputs=consumer.output),
     )
 
 
-def _fold_conv_transpose(node, consumer, params: BatchNormParams, index: GraphIndex) -> Skip:
+def _fold_conv_transpose(node, consumer, op: LinearOp, params: BatchNormParams, index: GraphIndex) -> Skip:
     """Rule 3."""
     return Skip(
         "ConvTranspose after BN: output positions sum different numbers of kernel taps, so the BN"
@@ -226,49 +238,36 @@ def _fold_conv_transpose(node, consumer, params: BatchNormParams, index: GraphIn
     )
 
 
-def _fold_gemm(node, consumer, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
+def _fold_gemm(node, consumer, op: LinearOp, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
     """Rule 4."""
     if index.opset("") < 7:
         return Skip("Gemm before opset 7 broadcasts C only with the 'broadcast' attribute")
     if int(get_attr(consumer, "transA", 0)):  # ONNX Gemm default: transA = 0
         return Skip("Gemm has transA=1: BN channels would be its rows, not the contraction axis")
-    found = _weight(index, consumer)
+    # Gemm's A is 2-D and (transA = 0) its axis 1, the BN channel axis, is contracted with B.
+    found = _contracted_weight(consumer, op, params, index, rank_note="", unit="columns")
     if isinstance(found, Skip):
         return found
-    weight_name, weight, elem_type = found
-    if weight.ndim != 2:
-        return Skip(f"Gemm weight '{weight_name}' has rank {weight.ndim}")
-    trans_b = int(get_attr(consumer, "transB", 0))
-    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
-    if weight.shape[in_axis] != params.channels:
-        # Gemm's A is 2-D and (transA = 0) its axis 1, the BN channel axis, is contracted with B.
-        return Invalid(
-            f"Gemm '{node_label(consumer)}' contracts {weight.shape[in_axis]} columns but the BN parameters have"
-            f" {params.channels} values"
-        )
-    found_bias = _bias(index, consumer)
+    weight_name, weight, elem_type, layout = found
+    found_bias = _bias(index, consumer, op)
     if isinstance(found_bias, Skip):
         return found_bias
     bias_name, bias = found_bias
-    n_out = weight.shape[out_axis]
+    n_out = layout.output_channels(weight.shape)
     if bias is not None and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, n_out))):
         return Skip(f"Gemm C '{bias_name}' of shape {bias.shape} does not broadcast to (M, {n_out})")
-    # ONNX Gemm defaults: alpha = beta = 1.
-    alpha = float(get_attr(consumer, "alpha", 1.0))
-    beta = float(get_attr(consumer, "beta", 1.0))
     scale, shift = params.affine()
-    weight64, delta = fold_affine_into_consumer(weight, None, scale, shift, in_axis=in_axis, out_axis=out_axis)
-    bias64 = alpha * delta
-    if bias is not None:
-        bias64 = beta * np.asarray(bias, dtype=np.float64) + bias64  # broadcasts like C did
+    weight64, bias64 = fold_affine_into_gemm_input(weight, bias, scale, shift, in_axis=layout.in_axis,
+                                                   out_axis=layout.out_axis, alpha=layout.alpha, beta=layout.beta)
     return _finish(
         node, consumer, params, index, weight=(weight_name, weight64), bias=(bias_name, bias64),
         elem_type=elem_type,
-        make_node=lambda w, b: replace_node(consumer, inputs=[node.input[0], w, b], drop_attrs=("beta",)),
+        make_node=lambda w, b: op.rebuild(consumer, data=node.input[0], weight=w, bias=b, outputs=consumer.output,
+                                          absorbed=("beta",)),
     )
 
 
-def _fold_matmul(node, consumer, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
+def _fold_matmul(node, consumer, op: LinearOp, params: BatchNormParams, index: GraphIndex) -> Rewrite | Skip:
     """Rule 5."""
     if index.opset("") < 7:
         return Skip("MatMul folding needs Gemm with a broadcasting bias (opset 7 or later)")
@@ -281,38 +280,28 @@ def _fold_matmul(node, consumer, params: BatchNormParams, index: GraphIndex) -> 
         )
     if rank != 2:
         return Skip(f"BN input has rank {rank}: BN normalizes axis 1, not the MatMul's contraction axis")
-    found = _weight(index, consumer)
+    # Rank 2: the BN channel axis 1 is the axis MatMul contracts with the weight's rows.
+    found = _contracted_weight(consumer, op, params, index, rank_note=", not 2", unit="rows")
     if isinstance(found, Skip):
         return found
-    weight_name, weight, elem_type = found
-    if weight.ndim != 2:
-        return Skip(f"MatMul weight '{weight_name}' has rank {weight.ndim}, not 2")
-    if weight.shape[0] != params.channels:
-        # Rank 2: the BN channel axis 1 is the axis MatMul contracts with the weight's rows.
-        return Invalid(
-            f"MatMul '{node_label(consumer)}' contracts {weight.shape[0]} rows but the BN parameters have"
-            f" {params.channels} values"
-        )
+    weight_name, weight, elem_type, layout = found
     scale, shift = params.affine()
-    weight64, bias64 = fold_affine_into_consumer(weight, None, scale, shift, in_axis=0, out_axis=1)
-
-    def make_gemm(w: str, b: str) -> onnx.NodeProto:
-        gemm = onnx.helper.make_node("Gemm", [node.input[0], w, b], list(consumer.output), name=consumer.name)
-        if consumer.doc_string:
-            gemm.doc_string = consumer.doc_string
-        return gemm
-
+    weight64, bias64 = fold_affine_into_gemm_input(weight, None, scale, shift, in_axis=layout.in_axis,
+                                                   out_axis=layout.out_axis)
     return _finish(
         node, consumer, params, index, weight=(weight_name, weight64), bias=(None, bias64),
-        elem_type=elem_type, make_node=make_gemm,
+        elem_type=elem_type,
+        make_node=lambda w, b: op.rebuild(consumer, data=node.input[0], weight=w, bias=b, outputs=consumer.output),
     )
 
 
-_CONSUMERS = {
+#: op type of the consumer -> its fold (the layout comes from `LINEAR_OPS`; the conditions differ).
+_FOLDS = {
     "Conv": _fold_conv,
     "ConvTranspose": _fold_conv_transpose,
     "Gemm": _fold_gemm,
     "MatMul": _fold_matmul,
 }
+assert set(_FOLDS) == set(LINEAR_OPS), "every linear op needs a rule here"
 
 PATTERNS = [fold_into_consumer]

@@ -6,7 +6,8 @@ Rules (cited in the code as "rule N"):
    padding, so output channels are weight axis 0 (ONNX Conv spec); the new bias is (C_out,).
 2. ``ConvTranspose -> BN``: the weight is (C_in, C_out/group, k...); output channel
    ``o = g * (C_out/group) + j`` is ``weight[g*(C_in/group):(g+1)*(C_in/group), j]`` (ONNX
-   ConvTranspose spec). The weight is viewed as (C_in/group, C_out, k...) to scale axis 1.
+   ConvTranspose spec). The weight is viewed as (C_in/group, C_out, k...) to scale axis 1
+   (`bnfold.folding.linear_ops.WeightLayout.output_view`).
 3. ``Gemm -> BN``: ``Y = alpha * A' B' + beta * C`` is rank 2, BN channels are its columns
    (weight axis 1 if ``transB == 0``, else axis 0). ``alpha`` goes into the weight and
    ``beta`` into the bias, the output Gemm has ``alpha = beta = 1``. ``C`` may be absent, a
@@ -22,6 +23,9 @@ Rules (cited in the code as "rule N"):
    node and is not a graph output; the weight, bias and BN parameters are constants; the
    channel counts agree; folded values are representable in the weight's dtype (computed in
    float64 by `bnfold.folding.algebra`, cast once, subnormals flushed to zero).
+
+The axes come from `bnfold.folding.linear_ops.LINEAR_OPS`; `fold_into_linear` (rules 1 to 3) is
+shared with the decomposed-BN chains of `bnfold.folding.decomposed`.
 """
 
 from __future__ import annotations
@@ -31,76 +35,38 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.folding.algebra import fold_bias
-from bnfold.folding.chunked import Cast, Deferred, scale_and_cast
-from bnfold.folding.graph import (
-    BatchNormParams,
-    GraphIndex,
-    Invalid,
-    Rewrite,
-    Skip,
-    get_attr,
-    node_label,
-    np_dtype,
-    pattern,
-    replace_node,
-)
+from bnfold.folding.algebra import fold_bias_general
+from bnfold.folding.batchnorm import BatchNormParams, read_batchnorm
+from bnfold.folding.casting import FLOAT_TYPES
+from bnfold.folding.chunked import Cast, scale_and_cast
+from bnfold.folding.finish import bn_sources, cast_and_name, finish
+from bnfold.folding.index import GraphIndex
+from bnfold.folding.linear_ops import LINEAR_OPS, LinearOp, linear_op
+from bnfold.folding.nodes import is_default, node_label
+from bnfold.folding.patterns import Invalid, Rewrite, Skip, pattern
+from bnfold.folding.tensors import np_dtype
 
-__all__ = ["PATTERNS", "PRODUCERS", "ProducerSpec", "fold_into_producer", "fold_affine_into_linear"]
+__all__ = ["PATTERNS", "LinearFold", "fold_into_producer", "fold_into_linear"]
 
-_FLOATS = (
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.DOUBLE,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
-)
+Affine = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
-class ProducerSpec:
-    """How a linear producer stores its output channels.
+class LinearFold:
+    """A linear producer rebuilt around a per-channel affine map of its output.
 
-    ``channel_axis`` is the weight axis that indexes output channels; ``grouped_axis_1`` marks
-    ConvTranspose, whose output channels are split across ``group`` blocks of axis 0 (rule 2).
-    ``transposed_attr`` names the attribute that moves the channel axis from 1 to 0 (Gemm's
-    ``transB``, rule 3).
+    ``nodes`` replace ``producer``; ``weight`` / ``bias`` are the original input names (``bias``
+    None if there was none) and ``new_weight`` / ``new_bias`` the names of ``constants``.
     """
 
-    weight_rank: int | None
-    channel_axis: int
-    grouped_axis_1: bool = False
-    transposed_attr: str | None = None
-
-
-#: op type -> output-channel layout of the weight (input 1). The one table producers differ by.
-PRODUCERS: dict[str, ProducerSpec] = {
-    "Conv": ProducerSpec(weight_rank=None, channel_axis=0),
-    "ConvTranspose": ProducerSpec(weight_rank=None, channel_axis=1, grouped_axis_1=True),
-    "Gemm": ProducerSpec(weight_rank=2, channel_axis=1, transposed_attr="transB"),
-    "MatMul": ProducerSpec(weight_rank=2, channel_axis=1),
-}
-
-
-def _channel_view(weight: np.ndarray, spec: ProducerSpec, node: onnx.NodeProto):
-    """``(view, axis, restore)``: a view of ``weight`` whose ``axis`` indexes output channels."""
-    if spec.transposed_attr and int(get_attr(node, spec.transposed_attr, 0)):
-        return weight, 0, lambda w: w
-    if not spec.grouped_axis_1:
-        return weight, spec.channel_axis, lambda w: w
-    group = int(get_attr(node, "group", 1))
-    c_in, c_out_g, *kernel = weight.shape
-    if group == 1:
-        return weight, 1, lambda w: w
-    c_in_g = c_in // group
-    # (C_in, C_out/g, k...) -> (g, C_in/g, C_out/g, k...) -> (C_in/g, g, C_out/g, k...) ->
-    # (C_in/g, C_out, k...): axis 1 is now o = g * (C_out/g) + j.
-    perm = (1, 0, 2, *range(3, 3 + len(kernel)))
-    view = weight.reshape(group, c_in_g, c_out_g, *kernel).transpose(perm).reshape(c_in_g, group * c_out_g, *kernel)
-
-    def restore(w: np.ndarray) -> np.ndarray:
-        return w.reshape(c_in_g, group, c_out_g, *kernel).transpose(perm).reshape(c_in, c_out_g, *kernel)
-
-    return view, 1, restore
+    producer: onnx.NodeProto
+    nodes: list[onnx.NodeProto]
+    weight: str
+    bias: str | None
+    new_weight: str
+    new_bias: str
+    constants: dict[str, np.ndarray]
+    subnormals: int
 
 
 def _sole_reader(index: GraphIndex, name: str, reader: onnx.NodeProto) -> Skip | None:
@@ -115,7 +81,7 @@ def fold_into_producer(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Ski
     if producer is None:
         return Skip("BN input is not computed by a node of this graph")
     bias_add = None
-    if producer.op_type == "Add" and producer.domain in ("", "ai.onnx"):
+    if producer.op_type == "Add" and is_default(producer):
         # rule 4: MatMul -> Add(constant) -> BN
         bias_add = producer
         matmul_out = _matmul_side(index, bias_add)
@@ -125,33 +91,28 @@ def fold_into_producer(node: onnx.NodeProto, index: GraphIndex) -> Rewrite | Ski
         if skip:
             return skip
         producer = index.producer[matmul_out]
-    spec = PRODUCERS.get(producer.op_type) if producer.domain in ("", "ai.onnx") else None
-    if spec is None:
+    op = linear_op(producer)
+    if op is None:
         return Skip(f"producer {producer.op_type} '{node_label(producer)}' is not a linear node bnfold folds into")
     skip = _sole_reader(index, producer.output[0], bias_add if bias_add is not None else node)
     if skip:
         return skip
-    params = index.read_batchnorm(node)
+    params = read_batchnorm(node, index)
     if isinstance(params, Skip):
         return params
-    if producer.op_type == "MatMul":
-        return _fold_matmul(node, producer, bias_add, params, spec, index)
-    return fold_affine_into_linear(node, producer, params, index)
-
-
-def fold_affine_into_linear(node: onnx.NodeProto, producer: onnx.NodeProto, params: BatchNormParams,
-                            index: GraphIndex) -> Rewrite | Skip:
-    """Fold the per-channel affine map ``params`` on the output of Conv / ConvTranspose / Gemm
-    ``producer`` into its weight and bias (rules 1-3); the rewritten producer writes ``node``'s
-    output.
-
-    ``params`` is a `BatchNormParams` or any object with its ``channels``, ``affine()`` and
-    ``names`` (the decomposed-BN pattern passes its collapsed Mul/Add chain this way).
-    """
-    spec = PRODUCERS[producer.op_type]
-    if producer.op_type == "Gemm":
-        return _fold_gemm(node, producer, params, spec, index)
-    return _fold_conv(node, producer, params, spec, index)
+    if op.op_type == "MatMul":
+        folded = _fold_matmul(node, producer, bias_add, params, index)
+    else:
+        folded = fold_into_linear(producer, params.affine(), params.channels, index, output=node.output[0])
+    if isinstance(folded, Skip):
+        return folded
+    into = node_label(producer) if producer.name or op.op_type != "MatMul" else f"<Gemm -> {node.output[0]}>"
+    scale_from, shift_from = bn_sources(params)
+    return finish(
+        into=into, remove=[node] if bias_add is None else [node, bias_add], replace=[(producer, folded.nodes)],
+        constants=folded.constants, subnormals=folded.subnormals,
+        sources={folded.new_weight: [folded.weight, *scale_from], folded.new_bias: [folded.bias, *shift_from]},
+    )
 
 
 def _matmul_side(index: GraphIndex, add: onnx.NodeProto) -> str | None:
@@ -167,17 +128,17 @@ def _matmul_side(index: GraphIndex, add: onnx.NodeProto) -> str | None:
 
 def _float_weight(index: GraphIndex, name: str) -> int | Skip:
     elem_type = index.elem_type(name)
-    if elem_type not in _FLOATS:
+    if elem_type not in FLOAT_TYPES:
         return Skip(f"weight '{name}' has element type {elem_type}, not a float type")
     return elem_type
 
 
-def _weight_and_bias(producer: onnx.NodeProto, index: GraphIndex):
-    """``(weight_name, bias_name, weight, bias, elem_type)`` of a Conv / ConvTranspose / Gemm
-    (inputs 1 and 2; the bias is optional), or `Skip` if they are not constant floats."""
-    weight_name = producer.input[1] if len(producer.input) > 1 else ""
-    bias_name = producer.input[2] if len(producer.input) > 2 and producer.input[2] else None
-    values = index.fetch(weight=weight_name, bias=bias_name)
+def _weight_and_bias(producer: onnx.NodeProto, op: LinearOp, index: GraphIndex):
+    """``(weight_name, bias_name, weight, bias, elem_type)`` (the bias is optional), or `Skip` if
+    they are not constant floats."""
+    weight_name = op.weight_name(producer)
+    bias_name = op.bias_name(producer)
+    values = index.constants.fetch(weight=weight_name, bias=bias_name)
     if isinstance(values, Skip):
         return values
     elem_type = _float_weight(index, weight_name)
@@ -186,121 +147,55 @@ def _weight_and_bias(producer: onnx.NodeProto, index: GraphIndex):
     return weight_name, bias_name, values["weight"], values["bias"], elem_type
 
 
-def _restored(weight: Cast | Deferred | str, restore) -> Cast | Deferred | str:
-    """The folded weight back in the producer's layout (ConvTranspose groups), or the reason
-    (a `Deferred` weight is only made from the weight itself, never from a rearranged view)."""
-    return Cast(restore(weight.array), weight.flushed) if isinstance(weight, Cast) else weight
-
-
-def _finish(
-    index: GraphIndex,
-    params: BatchNormParams,
-    weight64: Cast | Deferred | str,
-    bias64: np.ndarray,
-    elem_type: int,
-    *,
-    weight_name: str,
-    bias_name: str | None,
-    hint: str,
-) -> tuple[dict[str, np.ndarray], dict[str, str], tuple[str, str], int] | Skip:
-    """Cast the float64 fold results, reserve names, and build ``constants`` / ``tensor_map``."""
-    folded = index.folded_tensors(weight64, bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
-                                  hint=hint)
+def fold_into_linear(producer: onnx.NodeProto, affine: Affine, channels: int, index: GraphIndex, *,
+                     output: str) -> LinearFold | Skip:
+    """Fold the per-channel map ``y = scale * z + shift`` (``affine``, ``channels`` values) of the
+    output ``z`` of Conv / ConvTranspose / Gemm ``producer`` into its weight and bias (rules 1-3);
+    the rebuilt producer writes ``output``."""
+    op = LINEAR_OPS[producer.op_type]
+    if op.bias_broadcasts and index.opset("") < 7:
+        return Skip("Gemm before opset 7 broadcasts C only with the 'broadcast' attribute")
+    read = _weight_and_bias(producer, op, index)
+    if isinstance(read, Skip):
+        return read
+    weight_name, bias_name, weight, bias, elem_type = read
+    if not op.weight_rank_ok(weight.ndim):
+        return Skip(f"{op.op_type} weight '{weight_name}' has rank {weight.ndim}")
+    layout = op.layout(producer)
+    if layout.grouped == "out" and weight.shape[0] % layout.groups:
+        return Skip(f"{op.op_type} weight '{weight_name}' axis 0 ({weight.shape[0]}) not divisible by group"
+                    f" {layout.groups}")
+    view, axis, restore = layout.output_view(weight)
+    found = view.shape[axis]
+    if found != channels:
+        return Invalid(f"{op.op_type} '{node_label(producer)}' has {found} {op.channel_word} but the BN"
+                       f" parameters have {channels} values")
+    if bias is not None:
+        if op.bias_broadcasts and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, channels))):
+            return Skip(f"Gemm C '{bias_name}' of shape {bias.shape} does not broadcast to (M, {channels})")
+        if not op.bias_broadcasts:
+            if bias.size not in (1, channels):
+                return Skip(f"{op.op_type} bias '{bias_name}' has shape {bias.shape}")
+            bias = np.asarray(bias).reshape(-1)
+    scale, shift = affine
+    # W' = alpha * W * scale, block by block (bnfold.folding.chunked); C' as fold_affine_general.
+    new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type),
+                                alpha=None if layout.alpha == 1.0 else layout.alpha,
+                                scratch=index.ctx.workspace, defer=view is weight)
+    if isinstance(new_weight, Cast):
+        new_weight = Cast(restore(new_weight.array), new_weight.flushed)
+    bias64 = fold_bias_general(bias, scale, shift, beta=layout.beta)
+    folded = cast_and_name(index, new_weight, bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
+                           hint=producer.name or output)
     if isinstance(folded, Skip):
         return folded
-    new_w, new_b = folded.weight, folded.bias
-    tensor_map = {weight_name: new_w}
-    if bias_name:
-        tensor_map[bias_name] = new_b
-    names = params.names
-    # gamma scales the weight; beta, mean (and var, through the weight too) end up in the bias.
-    tensor_map.setdefault(names["scale"], new_w)
-    for role in ("bias", "mean", "var"):
-        tensor_map.setdefault(names[role], new_b)
-    return folded.constants, tensor_map, (new_w, new_b), folded.subnormals
+    node = op.rebuild(producer, data=producer.input[0], weight=folded.weight, bias=folded.bias, outputs=[output],
+                      absorbed=op.scalars)
+    return LinearFold(producer=producer, nodes=[node], weight=weight_name, bias=bias_name, new_weight=folded.weight,
+                      new_bias=folded.bias, constants=folded.constants, subnormals=folded.subnormals)
 
 
-def _fold_conv(node, producer, params: BatchNormParams, spec: ProducerSpec, index: GraphIndex):
-    """Rules 1 and 2."""
-    read = _weight_and_bias(producer, index)
-    if isinstance(read, Skip):
-        return read
-    weight_name, bias_name, weight, bias, elem_type = read
-    if weight.ndim < 3:
-        return Skip(f"{producer.op_type} weight '{weight_name}' has rank {weight.ndim}")
-    group = int(get_attr(producer, "group", 1))
-    if spec.grouped_axis_1 and weight.shape[0] % group:
-        return Skip(f"ConvTranspose weight '{weight_name}' axis 0 ({weight.shape[0]}) not divisible by group {group}")
-    view, axis, restore = _channel_view(weight, spec, producer)
-    channels = view.shape[axis]
-    if channels != params.channels:
-        return Invalid(f"{producer.op_type} '{node_label(producer)}' has {channels} output channels but the BN"
-                       f" parameters have {params.channels} values")
-    if bias is not None and bias.size not in (1, channels):
-        return Skip(f"{producer.op_type} bias '{bias_name}' has shape {bias.shape}")
-    scale, shift = params.affine()
-    bias_vec = None if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
-    new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type), scratch=index.ctx.workspace,
-                                defer=view is weight)
-    done = _finish(
-        index, params, _restored(new_weight, restore), fold_bias(bias_vec, scale, shift), elem_type,
-        weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
-    )
-    if isinstance(done, Skip):
-        return done
-    constants, tensor_map, (new_w, new_b), flushed = done
-    new_node = replace_node(producer, inputs=[producer.input[0], new_w, new_b], outputs=[node.output[0]])
-    return Rewrite(
-        into=node_label(producer), remove=[node], replace=[(producer, [new_node])],
-        constants=constants, tensor_map=tensor_map, subnormals=flushed,
-    )
-
-
-def _fold_gemm(node, producer, params: BatchNormParams, spec: ProducerSpec, index: GraphIndex):
-    """Rule 3."""
-    if index.opset("") < 7:
-        return Skip("Gemm before opset 7 broadcasts C only with the 'broadcast' attribute")
-    read = _weight_and_bias(producer, index)
-    if isinstance(read, Skip):
-        return read
-    weight_name, bias_name, weight, bias, elem_type = read
-    if weight.ndim != 2:
-        return Skip(f"Gemm weight '{weight_name}' has rank {weight.ndim}")
-    view, axis, restore = _channel_view(weight, spec, producer)
-    if view.shape[axis] != params.channels:
-        return Invalid(f"Gemm '{node_label(producer)}' has {view.shape[axis]} output columns but the BN"
-                       f" parameters have {params.channels} values")
-    # ONNX Gemm defaults: alpha = beta = 1.
-    alpha = float(get_attr(producer, "alpha", 1.0))
-    beta = float(get_attr(producer, "beta", 1.0))
-    c64 = None
-    if bias is not None:
-        c64 = beta * np.asarray(bias, dtype=np.float64)
-        if c64.ndim > 2 or (c64.ndim >= 1 and c64.shape[-1] not in (1, params.channels)):
-            return Skip(f"Gemm C '{bias_name}' of shape {bias.shape} does not broadcast to (M, {params.channels})")
-        if c64.ndim < 2:
-            # scalar, (1,) or (N,): one value per column.
-            c64 = np.broadcast_to(c64.reshape(-1), (params.channels,))
-    scale, shift = params.affine()
-    new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type), alpha=alpha,
-                                scratch=index.ctx.workspace, defer=view is weight)
-    done = _finish(
-        index, params, _restored(new_weight, restore), fold_bias(c64, scale, shift), elem_type,
-        weight_name=weight_name, bias_name=bias_name, hint=producer.name or node.output[0],
-    )
-    if isinstance(done, Skip):
-        return done
-    constants, tensor_map, (new_w, new_b), flushed = done
-    new_node = replace_node(
-        producer, inputs=[producer.input[0], new_w, new_b], outputs=[node.output[0]], drop_attrs=("alpha", "beta")
-    )
-    return Rewrite(
-        into=node_label(producer), remove=[node], replace=[(producer, [new_node])],
-        constants=constants, tensor_map=tensor_map, subnormals=flushed,
-    )
-
-
-def _fold_matmul(node, matmul, bias_add, params: BatchNormParams, spec: ProducerSpec, index: GraphIndex):
+def _fold_matmul(node, matmul, bias_add, params: BatchNormParams, index: GraphIndex) -> LinearFold | Skip:
     """Rule 4."""
     if index.opset("") < 7:
         return Skip("MatMul folding needs Gemm with broadcasting bias (opset 7 or later)")
@@ -311,56 +206,50 @@ def _fold_matmul(node, matmul, bias_add, params: BatchNormParams, spec: Producer
     if rank is None:
         rank = index.rank(data_name)  # with a 2-D weight, MatMul keeps the rank of A
     if rank is None:
-        return Skip(f"rank of MatMul '{node_label(matmul)}' output is unknown (BN channel axis 1 must be its last axis)")
+        return Skip(
+            f"rank of MatMul '{node_label(matmul)}' output is unknown (BN channel axis 1 must be its last axis)"
+        )
     if rank != 2:
         return Skip(
             f"MatMul '{node_label(matmul)}' output has rank {rank}: BN normalizes axis 1, not the weight's output axis"
         )
     weight = index.constant(weight_name)
     if weight is None:
-        return Skip(f"weight is not constant: {index.nonconstant_reason(weight_name)}")
+        return Skip(f"weight is not constant: {index.constants.reason(weight_name)}")
     if weight.ndim != 2:
         return Skip(f"MatMul weight '{weight_name}' has rank {weight.ndim}, not 2")
     elem_type = _float_weight(index, weight_name)
     if isinstance(elem_type, Skip):
         return elem_type
-    if weight.shape[1] != params.channels:
-        message = f"MatMul '{node_label(matmul)}' has {weight.shape[1]} output columns but the BN parameters have"
-        if bias_add is None or weight.shape[1] != 1:
+    layout = LINEAR_OPS["MatMul"].layout(matmul)
+    if weight.shape[layout.out_axis] != params.channels:
+        message = (f"MatMul '{node_label(matmul)}' has {weight.shape[layout.out_axis]} output columns but the BN"
+                   " parameters have")
+        if bias_add is None or weight.shape[layout.out_axis] != 1:
             # Rank 2: BN's channel axis 1 is the weight's output axis; a bias Add can broadcast
             # a single column to C, never change C columns into another number.
             return Invalid(f"{message} {params.channels} values")
         return Skip(f"{message} {params.channels} values (the bias Add broadcasts the single column)")
     bias_name = None
-    b64 = None
+    bias = None
     if bias_add is not None:
         bias_name = bias_add.input[1] if bias_add.input[0] == matmul.output[0] else bias_add.input[0]
         if bias_name == matmul.output[0]:
             return Skip("Add adds the MatMul output to itself")
-        b64 = np.asarray(index.constant(bias_name), dtype=np.float64)
-        if b64.ndim > 2 or (b64.ndim >= 1 and b64.shape[-1] not in (1, params.channels)):
-            return Skip(f"bias '{bias_name}' of shape {b64.shape} does not broadcast to (M, {params.channels})")
-        if b64.ndim < 2:
-            b64 = np.broadcast_to(b64.reshape(-1), (params.channels,))
+        bias = np.asarray(index.constant(bias_name))
+        if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, params.channels)):
+            return Skip(f"bias '{bias_name}' of shape {bias.shape} does not broadcast to (M, {params.channels})")
     scale, shift = params.affine()
-    new_weight = scale_and_cast(weight, scale, axis=spec.channel_axis, dtype=np_dtype(elem_type),
+    new_weight = scale_and_cast(weight, scale, axis=layout.out_axis, dtype=np_dtype(elem_type),
                                 scratch=index.ctx.workspace, defer=True)
-    done = _finish(
-        index, params, new_weight, fold_bias(b64, scale, shift), elem_type,
-        weight_name=weight_name, bias_name=bias_name, hint=matmul.name or node.output[0],
-    )
-    if isinstance(done, Skip):
-        return done
-    constants, tensor_map, (new_w, new_b), flushed = done
-    gemm = onnx.helper.make_node("Gemm", [data_name, new_w, new_b], [node.output[0]], name=matmul.name)
-    if matmul.doc_string:
-        gemm.doc_string = matmul.doc_string
-    remove = [node] if bias_add is None else [node, bias_add]
-    return Rewrite(
-        into=node_label(matmul) if matmul.name else f"<Gemm -> {node.output[0]}>",
-        remove=remove, replace=[(matmul, [gemm])],
-        constants=constants, tensor_map=tensor_map, subnormals=flushed,
-    )
+    folded = cast_and_name(index, new_weight, fold_bias_general(bias, scale, shift), elem_type,
+                           weight_name=weight_name, bias_name=bias_name, hint=matmul.name or node.output[0])
+    if isinstance(folded, Skip):
+        return folded
+    gemm = LINEAR_OPS["MatMul"].rebuild(matmul, data=data_name, weight=folded.weight, bias=folded.bias,
+                                        outputs=[node.output[0]])
+    return LinearFold(producer=matmul, nodes=[gemm], weight=weight_name, bias=bias_name, new_weight=folded.weight,
+                      new_bias=folded.bias, constants=folded.constants, subnormals=folded.subnormals)
 
 
 PATTERNS = [fold_into_producer]

@@ -3,8 +3,9 @@
 Every BatchNormalization node of the model (in the main graph, in control-flow bodies and in
 model-local functions) gets one `FoldEntry`: ``folded`` into a neighbouring linear node,
 ``decomposed`` into a Mul + Add by constants, or ``kept`` with the reason it could not be folded
-exactly. ``tensor_map`` maps each original weight / bias / BN parameter name to the name of the
-tensor that replaced it in the output, so users can match checkpoints to the folded model.
+exactly. ``tensor_map`` maps each original weight / bias / BN parameter name to the names of the
+tensors of the output computed from it (`bnfold.folding.finish`), so users can match checkpoints
+to the folded model.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class FoldEntry:
         Name of the node that absorbed the BN (``status == "folded"``).
     reason : str or None
         Why the BN was kept (``status == "kept"``); ``None`` otherwise.
-    tensor_map : dict of str to str
-        Original tensor name -> name of the tensor that replaced it.
+    tensor_map : dict of str to list of str
+        Original tensor name -> names of every new tensor computed from it (e.g. a BN's ``var``
+        -> the folded weight and the folded bias).
     """
 
     bn: str
@@ -41,7 +43,7 @@ class FoldEntry:
     status: Status
     into: str | None = None
     reason: str | None = None
-    tensor_map: dict[str, str] = field(default_factory=dict)
+    tensor_map: dict[str, list[str]] = field(default_factory=dict)
 
     def line(self) -> str:
         """One human-readable line: ``BatchNormalization 'bn1': folded into 'conv1'``."""

@@ -1,4 +1,9 @@
-"""Functions shared by the `bnfold.io` modules: input-file checks, paths, messages."""
+"""Functions shared by the `bnfold.io` modules: input-file checks, paths, messages.
+
+This module must not import onnx (nor protobuf) at import time: `bnfold.io.arrays` uses it, and
+the trainer loads its ``.npz`` data through that without ever needing onnx. The two helpers that
+work on ONNX messages import it when called.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,12 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-
-import onnx
-from google.protobuf.message import EncodeError
+from typing import TYPE_CHECKING
 
 from bnfold.errors import BnfoldError
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["PROTOBUF_LIMIT", "serialized_size", "one_line", "check_input_file", "read_bytes", "resolved", "same_file", "all_tensors"]
 
@@ -25,6 +31,8 @@ def serialized_size(model: onnx.ModelProto) -> int:
     Protobuf's ``ByteSize`` raises ``EncodeError`` instead of answering for messages over 2 GiB
     (it costs about as much as serializing: call it only where the answer matters).
     """
+    from google.protobuf.message import EncodeError
+
     try:
         return model.ByteSize()
     except (EncodeError, ValueError):

@@ -51,8 +51,10 @@ def test_bn_conv(fk, dims, group, bias):
     assert (entry.bn, entry.status, entry.into) == ("bn", "folded", "conv")
     (conv,) = out.graph.node
     assert conv.name == "conv" and conv.input[0] == "x" and conv.output[0] == "y"
-    assert entry.tensor_map["conv.weight"] == conv.input[1]
-    assert entry.tensor_map["bn.mean"] == conv.input[2] and entry.tensor_map["bn.scale"] == conv.input[1]
+    # b' = b + W t: the consumer's weight reaches the new bias too.
+    assert entry.tensor_map["conv.weight"] == [conv.input[1], conv.input[2]]
+    assert entry.tensor_map["bn.mean"] == [conv.input[2]]
+    assert entry.tensor_map["bn.scale"] == [conv.input[1], conv.input[2]]
     assert {t.name for t in out.graph.initializer} == {conv.input[1], conv.input[2]}
 
 

@@ -72,8 +72,9 @@ def test_keras_channels_last_conv(fk, bias, group):
     assert ops(out) == ["Transpose", "Conv", "Transpose"]
     conv, back = out.graph.node[1], out.graph.node[2]
     assert back.name == "to_nhwc" and back.output[0] == "y" and back.input[0] == conv.output[0]
-    assert entry.tensor_map["bn.scale"] == conv.input[1] and entry.tensor_map["bn.beta"] == conv.input[2]
-    assert entry.tensor_map["conv.weight"] == conv.input[1]
+    assert entry.tensor_map["bn.scale"] == [conv.input[1], conv.input[2]]
+    assert entry.tensor_map["bn.beta"] == [conv.input[2]]
+    assert entry.tensor_map["conv.weight"] == [conv.input[1]]
 
 
 def test_keras_channels_last_conv_float16(fk):
@@ -243,7 +244,8 @@ def test_chain_ends_at_a_shared_value(fk):
     m.graph.output.append(fk.vi("m", fk.F32, 4))
     out, report = fk.fold_and_check(m, folded=1, rng=rng)
     assert ops(out) == ["Conv", "Add"] and out.graph.node[0].output[0] == "m"
-    assert report.entries[0].tensor_map == {"w": out.graph.node[0].input[1], "s": out.graph.node[0].input[1]}
+    new_weight, new_bias = out.graph.node[0].input[1:3]
+    assert report.entries[0].tensor_map == {"w": [new_weight], "s": [new_weight, new_bias]}
 
 
 def test_decomposed_chain_with_foldable_bn_after_it(fk):
@@ -290,8 +292,9 @@ def test_decompose_rest(fk, x_shape):
     stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     scale = stored[out.graph.node[1].input[1]]
     assert scale.shape == (3,) + (1,) * (len(x_shape) - 2) and scale.dtype == np.float32
-    assert entry.tensor_map["bn.scale"] == out.graph.node[1].input[1]
-    assert entry.tensor_map["bn.mean"] == out.graph.node[2].input[1]
+    # t = beta - mean * s: gamma reaches both constants, mean only the shift.
+    assert entry.tensor_map["bn.scale"] == [out.graph.node[1].input[1], out.graph.node[2].input[1]]
+    assert entry.tensor_map["bn.mean"] == [out.graph.node[2].input[1]]
 
 
 def test_decompose_rest_float16(fk):

@@ -47,8 +47,10 @@ def test_conv_bn(fk, dims, bias, group):
     assert (entry.status, entry.into) == ("folded", "conv")
     conv = out.graph.node[0]
     assert conv.name == "conv" and conv.op_type == "Conv" and conv.output[0] == "y" and len(conv.input) == 3
-    assert entry.tensor_map["conv.weight"] == conv.input[1]
-    assert entry.tensor_map["bn.mean"] == conv.input[2]
+    # Each original maps to every new tensor computed from it: var scales the weight and the bias.
+    assert entry.tensor_map["conv.weight"] == [conv.input[1]]
+    assert entry.tensor_map["bn.mean"] == [conv.input[2]]
+    assert entry.tensor_map["bn.var"] == [conv.input[1], conv.input[2]]
     # The original weight is unused and removed, no dangling initializers.
     assert {t.name for t in out.graph.initializer} == {conv.input[1], conv.input[2]}
 
@@ -72,8 +74,9 @@ def test_conv_transpose_group_channel_layout(fk):
     """Output channel o = g*(C_out/group) + j reads weight[g*(C_in/group):(g+1)*(C_in/group), j]:
     with one BN scale per output channel, each weight block must be scaled by its own channel's
     scale, checked here element by element against that closed form."""
-    from bnfold.folding import fold
     from onnx import numpy_helper
+
+    from bnfold.folding import fold
 
     rng = np.random.default_rng(3)
     group, c_in, c_out = 2, 4, 6
@@ -141,7 +144,7 @@ def test_matmul_add_bn(fk, bias_shape, bias_first):
     (node,) = out.graph.node
     assert (node.op_type, node.name, list(node.output)) == ("Gemm", "dense", ["y"])
     if bias_shape is not None:
-        assert report.entries[0].tensor_map["dense.bias"] == node.input[2]
+        assert report.entries[0].tensor_map["dense.bias"] == [node.input[2]]
 
 
 def test_matmul_rank3_is_kept(fk):

@@ -21,8 +21,9 @@ from bnfold import io as bio
 from bnfold.conversion import convert
 from bnfold.errors import BnfoldError
 from bnfold.folding import fold
+from bnfold.folding import algebra
 from bnfold.folding.algebra import check_representable, fold_affine
-from bnfold.folding.graph import tensor_to_array
+from bnfold.folding.tensors import tensor_to_array
 
 
 def _save_external(model: onnx.ModelProto, path: Path, threshold: int = 0) -> Path:
@@ -239,7 +240,7 @@ def _whole(weight, scale, axis, dtype, alpha=None):
     if reason is not None:
         return reason
     cast = w64.astype(dtype)
-    tiny = float(chunked._finfo(np.dtype(dtype)).tiny)
+    tiny = float(algebra._finfo(np.dtype(dtype)).tiny)
     probe = cast.astype(np.float32) if cast.dtype.kind != "f" else cast
     flush = (probe < tiny) & (probe > -tiny) & (probe != 0)
     cast[flush] = 0
