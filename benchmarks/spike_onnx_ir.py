@@ -92,10 +92,9 @@ def fold_model(model: ir.Model) -> int:
         else:
             new = ir.Node("", "Gemm", [linear.inputs[0], new_w, new_b], name=linear.name)
         graph.insert_before(linear, new)
-        bn.outputs[0].replace_all_uses_with(new.outputs[0])
-        if bn.outputs[0].is_graph_output():
-            graph.outputs[graph.outputs.index(bn.outputs[0])] = new.outputs[0]
-        new.outputs[0].name = bn.outputs[0].name
+        name = bn.outputs[0].name
+        bn.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+        new.outputs[0].name = name
         graph.remove([bn, linear], safe=True)
         folded += 1
     for name in [name for name, value in graph.initializers.items() if not value.uses() and not value.is_graph_output()]:
@@ -163,8 +162,8 @@ def bench(repeat: int, tmp_root: str | None) -> int:
 
 def _report(label: str, best: dict, size: int, outs: dict) -> None:
     (t_s, rss_s), (t_b, rss_b) = best["spike (onnx-ir)"], best["bnfold"]
-    print(f"{label}: spike {t_s:.2f} s, peak RSS {rss_s / 1024**2:.0f} MB ({rss_s / size:.2f} x model);"
-          f" bnfold {t_b:.2f} s, {rss_b / 1024**2:.0f} MB ({rss_b / size:.2f} x); spike / bnfold time {t_s / t_b:.2f}x;"
+    print(f"{label}: spike {t_s:.2f} s, peak RSS {rss_s / 1024**2:.0f} MiB ({rss_s / size:.2f} x model);"
+          f" bnfold {t_b:.2f} s, {rss_b / 1024**2:.0f} MiB ({rss_b / size:.2f} x); spike / bnfold time {t_s / t_b:.2f}x;"
           f" folded weights identical: {_same_weights(outs['spike'], outs['bnfold'])}")
 
 
