@@ -134,8 +134,10 @@ def bnfold_script() -> str:
 
 
 def load_save(src: Path, out: Path, external: bool) -> list[str]:
-    code = ("import sys, onnx; onnx.save(onnx.load(sys.argv[1]), sys.argv[2]"
-            + (", save_as_external_data=True)" if external else ")"))
+    # With external data, the data file is named after OUT (onnx's default is a random name).
+    code = ("import os, sys, onnx; onnx.save(onnx.load(sys.argv[1]), sys.argv[2]"
+            + (", save_as_external_data=True, location=os.path.basename(sys.argv[2]) + '.data')"
+               if external else ")"))
     return [sys.executable, "-c", code, str(src), str(out)]
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,8 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
 
 # Bytes moved per read / write when copying external data between files.
 _COPY_BYTES = 8 * 1024**2
+# Chunks at least this large are hashed in a second thread while being written.
+_OVERLAP_MIN = 1024**2
 
 
 class _DataWriter:
@@ -159,6 +162,26 @@ class _DataWriter:
         self.digest = hashlib.sha256()
         self.offset = 0
         self._buffer: bytearray | None = None
+        self._hasher: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown()
+
+    def _emit(self, data: memoryview, at: int) -> None:
+        """Hash and write ``data``: a large chunk is hashed in a second thread while it is
+        written (both release the GIL), the hash still fed in file order."""
+        if len(data) < _OVERLAP_MIN:
+            self.digest.update(data)
+            self._write(data, at)
+            return
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1)
+        hashed = self._hasher.submit(self.digest.update, data)
+        try:
+            self._write(data, at)
+        finally:
+            hashed.result()
 
     def add(self, tensor: onnx.TensorProto) -> tuple[int, int]:
         # ONNX ExternalData.md allows aligned offsets; 64 bytes keeps every dtype aligned.
@@ -166,8 +189,7 @@ class _DataWriter:
         span = None if self.store is None else self.store.span(tensor)
         if span is None:
             raw = _raw_bytes(tensor)
-            self.digest.update(raw)
-            self._write(memoryview(raw), start)
+            self._emit(memoryview(raw), start)
             length = len(raw)
         else:
             length = self._copy(span, start)
@@ -185,8 +207,7 @@ class _DataWriter:
         if source.deferred is not None:  # a folded weight computed now, block by block
             done = 0
             for block in source.blocks():
-                self.digest.update(block)
-                self._write(block, start + done)
+                self._emit(block, start + done)
                 done += len(block)
             if done != length:
                 raise AssertionError(f"deferred tensor gave {done} bytes, not {length}")
@@ -199,8 +220,7 @@ class _DataWriter:
             count = os.preadv(source.fd, [view[: min(_COPY_BYTES, length - done)]], offset + done)
             if count <= 0:
                 raise OSError(f"data file ended {length - done} bytes early")
-            self.digest.update(view[:count])
-            self._write(view[:count], start + done)
+            self._emit(view[:count], start + done)
             done += count
         return length
 
@@ -285,10 +305,11 @@ def stage_model(model: onnx.ModelProto, path: str | os.PathLike) -> Iterator[Sta
     if originals:
         with atomic_path(path, final_name=lambda: f"{path.name}.{writer.digest.hexdigest()[:16]}.data") as tmp:
             fd = os.open(tmp, os.O_WRONLY)
+            writer = _DataWriter(fd, store)
             try:
-                writer = _DataWriter(fd, store)
                 spans = [writer.add(tensor) for tensor in originals]
             finally:
+                writer.close()
                 os.close(fd)
         data_path = path.with_name(f"{path.name}.{writer.digest.hexdigest()[:16]}.data")
     staged = None
