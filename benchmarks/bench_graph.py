@@ -20,9 +20,9 @@ Every ratio is against a baseline measured in the same run. Rows:
   ``tests/reliability/test_large_model.py`` (time, peak RSS), and the peak RSS of a bare
   onnxruntime session of that model running one batch (the floor for any verification).
 - ``scaling``: ``load_model`` + ``fold`` + ``save_model`` in this process on 4 depths spanning
-  100x (32 channels); time per block.
+  100x (32 channels); time per block, of the whole and of the fold pass alone.
 - ``latency``: onnxruntime (1 thread, all graph optimizations on) median latency of the folded
-  model against the original, alternated; a mobilenet_v2-like network exported by
+  model against the original, single runs interleaved; a mobilenet_v2-like network exported by
   ``torch.onnx.export(dynamo=True, optimize=False)`` (if torch is installed), the 200-block model
   and a MatMul+BN MLP.
 
@@ -343,41 +343,55 @@ def row_scaling(tmp: Path) -> None:
     from bnfold.io import load_model, save_model
 
     depths = (20, 100, 500, 2000)
-    per_block = []
+    whole, alone = [], []
     for depth in depths:
         src = tmp / f"scale{depth}.onnx"
         onnx.save(build_model(depth, 32, np.random.default_rng(0)), str(src))
-        best = float("inf")
-        for _ in range(3 if depth < 2000 else 2):
+        best, best_fold = float("inf"), float("inf")
+        for _ in range(3):
             start = time.perf_counter()
-            folded, report = fold(load_model(src))
+            model = load_model(src)
+            folding = time.perf_counter()
+            folded, report = fold(model)
+            best_fold = min(best_fold, time.perf_counter() - folding)
             assert report.folded == depth
             save_model(folded, tmp / "scaled.onnx")
             best = min(best, time.perf_counter() - start)
-            del folded
-        per_block.append(best / depth * 1e3)
+            del folded, model
+        whole.append(best / depth * 1e3)
+        alone.append(best_fold / depth * 1e3)
         src.unlink()
     (tmp / "scaled.onnx").unlink()
-    cells = ", ".join(f"{d} blocks {ms:.2f} ms" for d, ms in zip(depths, per_block))
-    print(f"scaling (load_model + fold + save_model, 32 channels), time per block: {cells};"
-          f" {depths[-1]} / {depths[0]} blocks per-block ratio {per_block[-1] / per_block[0]:.2f}")
+    print("scaling (32 channels), time per block, best of 3:")
+    print("  load_model + fold + save_model: " + ", ".join(f"{d} blocks {ms:.2f} ms" for d, ms in zip(depths, whole))
+          + f"; {depths[-1]} / {depths[0]} blocks per-block ratio {whole[-1] / whole[0]:.2f}")
+    print("  fold pass alone:                " + ", ".join(f"{d} blocks {ms:.2f} ms" for d, ms in zip(depths, alone))
+          + f"; {depths[-1]} / {depths[0]} blocks per-block ratio {alone[-1] / alone[0]:.2f}")
 
 
-def _latency(path: Path, feeds: dict, runs: int) -> float:
+def _session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, feeds)
-    times = []
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _latencies(paths: list[Path], feeds: dict, runs: int) -> list[float]:
+    """Median latency (ms) of each model, single runs interleaved (A, B, A, B, ...) so that load
+    changes on the machine hit every model alike."""
+    sessions = [_session(path) for path in paths]
+    for sess in sessions:
+        for _ in range(3):
+            sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for sess, bucket in zip(sessions, times):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) * 1e3 for bucket in times]
 
 
 def row_latency(tmp: Path) -> None:
@@ -390,27 +404,24 @@ def row_latency(tmp: Path) -> None:
     mobile = tmp / "mobilenet_v2.onnx"
     how = mobilenet_v2_like(mobile)
     if how is not None:
-        models[f"mobilenet_v2-like, {how}"] = (mobile, 20)
+        models[f"mobilenet_v2-like, {how}"] = (mobile, 100)
     else:
         print("  torch not installed: mobilenet_v2-like model skipped")
     deep = tmp / "deep200.onnx"
     onnx.save(build_model(200, 64, rng), str(deep))
-    models["200 x Conv 3x3 64ch + BN + Relu, 16x16"] = (deep, 20)
+    models["200 x Conv 3x3 64ch + BN + Relu, 16x16"] = (deep, 60)
     mlp = tmp / "mlp.onnx"
     onnx.save(mlp_model(8, 1024, rng), str(mlp))
-    models["8 x MatMul 1024 + BN + Relu, batch 1"] = (mlp, 200)
-    print("onnxruntime latency, 1 thread, all graph optimizations (median; original -> folded):")
+    models["8 x MatMul 1024 + BN + Relu, batch 1"] = (mlp, 1000)
+    print("onnxruntime latency, 1 thread, all graph optimizations (median of single runs, interleaved;"
+          " original -> folded):")
     for name, (path, runs) in models.items():
         original = load_model(path)
         folded, report = fold(original)
         folded_path = path.with_name(path.stem + ".folded.onnx")
         save_model(folded, folded_path)
         feeds = random_inputs(feed_inputs(original), batch=1, rng=np.random.default_rng(1))
-        before, after = [], []
-        for _ in range(3):  # alternated
-            before.append(_latency(path, feeds, runs))
-            after.append(_latency(folded_path, feeds, runs))
-        b, a = min(before), min(after)
+        b, a = _latencies([path, folded_path], feeds, runs)
         print(f"  {name}: BN folded {report.folded}/{report.total}, {b:.2f} ms -> {a:.2f} ms ({b / a:.2f}x)")
         path.unlink()
         folded_path.unlink()

@@ -139,6 +139,7 @@ def _blocks(weight, scale, axis, dtype, alpha, scratch):
     buffer = np.empty(block_shape, dtype=np.float64) if scratch is None else scratch(block_shape)
     whole = _along(scale, axis, weight.ndim)
     floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"
+    limit = float(_finfo(dtype).max) if floating else 0.0
     for start in range(0, weight.shape[0], rows):
         block = weight[start:start + rows]
         w64 = buffer[: block.shape[0]]
@@ -153,6 +154,9 @@ def _blocks(weight, scale, axis, dtype, alpha, scratch):
         release(weight[start:start + rows])
         block_high = float(w64.max()) if floating else 0.0
         block_low = float(w64.min()) if floating else 0.0
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller
+        if floating and not (-limit <= block_low and block_high <= limit):  # NaN lands here too
+            with np.errstate(over="ignore", invalid="ignore"):  # reported by the caller, not warned
+                cast = w64.astype(dtype)
+        else:
             cast = w64.astype(dtype)
         yield start, cast, block_high, block_low, flush_subnormals(cast)
