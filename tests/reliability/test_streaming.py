@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.folding.chunked as chunked
 import bnfold.io.mapped as mapped
+import bnfold.io.writing as writing
 from bnfold import io as bio
 from bnfold.conversion import convert
 from bnfold.errors import BnfoldError
@@ -83,9 +84,11 @@ def _files(folder: Path, stem: str) -> dict[str, bytes]:
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 4 KiB and spilling from 8 KiB: every code path of the streamed fold runs."""
+    """Blocks of 4 KiB, spilling (or deferring) from 8 KiB, hashing in a second thread from 1 KiB:
+    every code path of the streamed fold and write runs on small models."""
     monkeypatch.setattr(chunked, "BLOCK_BYTES", 4096)
     monkeypatch.setattr(mapped, "SPILL_MIN_BYTES", 8192)
+    monkeypatch.setattr(writing, "_OVERLAP_MIN", 1024)
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,6 +123,36 @@ def test_convert_streamed_output_runs_like_the_input(tmp_path, small_blocks):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     # Folding reassociates float32 arithmetic: a few ulps of outputs of magnitude ~1.
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_streamed_failed_verification_leaves_nothing(tmp_path, small_blocks):
+    """OUT is staged before verification: a failure must remove the staged model and data file."""
+    from bnfold.errors import VerificationError
+
+    src = _save_external(_mixed_model(np.random.default_rng(0)), tmp_path / "in.onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    # Zero tolerance: folding changes float32 rounding, so the outputs differ in the last bits.
+    with pytest.raises(VerificationError):
+        convert(src, out, rtol=0.0, atol=0.0)
+    assert list(out.parent.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_verify_of_a_folded_open_model_runs_from_a_temporary_copy(tmp_path, small_blocks):
+    """Without a staged file (e.g. the bisection's candidates), onnxruntime gets a temporary copy
+    beside the output, removed afterwards."""
+    from bnfold.verification import verify
+
+    src = _save_external(_mixed_model(np.random.default_rng(7)), tmp_path / "in.onnx")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with mapped.open_model(src, scratch_dir=scratch) as opened:
+        folded, _ = fold(opened.model)
+        report = verify(opened.model, folded)
+    assert report.ok, report.summary()
+    assert list(scratch.iterdir()) == []
 
 
 def test_convert_in_memory_model_is_not_streamed(tmp_path, small_blocks):
