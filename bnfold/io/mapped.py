@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.io.files import pwrite_all
 
 __all__ = ["MappedModel", "open_model", "active", "external_array", "release", "spill", "defer", "defers", "covers",
            "SPILL_MIN_BYTES"]
@@ -129,9 +130,7 @@ class MappedModel:
         location, _, fd = self._scratch
         data = memoryview(np.ascontiguousarray(array)).cast("B")
         offset = -(-self._scratch_size // 64) * 64
-        written = 0
-        while written < len(data):
-            written += os.pwrite(fd, data[written:], offset + written)
+        pwrite_all(fd, data, offset)
         self._scratch_size = offset + len(data)
         source = self._sources[location]
         source.size = self._scratch_size

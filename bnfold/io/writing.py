@@ -26,7 +26,7 @@ from google.protobuf.message import EncodeError
 from bnfold.errors import BnfoldError
 from bnfold.io.atomic import _default_mode, _fsync, _fsync_dir, atomic_path
 from bnfold.io.external import external_files_of
-from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, resolved, same_file
+from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, pread_into, pwrite_all, resolved, same_file
 
 __all__ = ["check_output_path", "save_model", "stage_model", "StagedModel", "write_json"]
 
@@ -197,9 +197,7 @@ class _DataWriter:
         return start, length
 
     def _write(self, data: memoryview, at: int) -> None:
-        while data:
-            written = os.pwrite(self.fd, data, at)
-            data, at = data[written:], at + written
+        pwrite_all(self.fd, data, at)
 
     def _copy(self, span, start: int) -> int:
         """Copy a byte range of a data file in large chunks, never through protobuf."""
@@ -217,7 +215,7 @@ class _DataWriter:
         view = memoryview(self._buffer)
         done = 0
         while done < length:
-            count = os.preadv(source.fd, [view[: min(_COPY_BYTES, length - done)]], offset + done)
+            count = pread_into(source.fd, view[: min(_COPY_BYTES, length - done)], offset + done)
             if count <= 0:
                 raise OSError(f"data file ended {length - done} bytes early")
             self._emit(view[:count], start + done)
@@ -373,7 +371,9 @@ def _inline_mapped(model: onnx.ModelProto, store) -> None:
         if source.deferred is not None:
             data = b"".join(bytes(block) for block in source.blocks())
         else:
-            data = os.pread(source.fd, length, offset) if length else b""
+            buffer = bytearray(length)
+            count = pread_into(source.fd, memoryview(buffer), offset) if length else 0
+            data = bytes(buffer[:count])
         if len(data) != length:
             raise BnfoldError(f"tensor '{tensor.name}': its data file changed while being read")
         tensor.raw_data = data
