@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.io.files import pwrite_all
+from bnfold.io.files import pread_into, pwrite_all
 
 __all__ = ["MappedModel", "open_model", "active", "external_array", "release", "spill", "defer", "defers", "covers",
            "SPILL_MIN_BYTES"]
@@ -206,8 +206,14 @@ def external_array(tensor: onnx.TensorProto, dtype: np.dtype) -> np.ndarray:
         values = source.deferred.materialize()
         values.flags.writeable = False
         return values
-    view = store._mapped(source).view(offset, length)  # noqa: SLF001 - same module
     count = length // dtype.itemsize
+    try:
+        view = store._mapped(source).view(offset, length)  # noqa: SLF001 - same module
+    except (OSError, ValueError):  # a file system that cannot map files: read the bytes instead
+        buffer = bytearray(length)
+        if pread_into(source.fd, memoryview(buffer), offset) != length:
+            raise BnfoldError(f"tensor '{tensor.name}': its data file changed while being read") from None
+        view = memoryview(bytes(buffer))
     return np.frombuffer(view, dtype=dtype, count=count).reshape(tuple(tensor.dims))
 
 

@@ -378,3 +378,15 @@ def test_streamed_write_without_positional_io(tmp_path, small_blocks, monkeypatc
     # Keep one tensor on disk unchanged and one small one inline: both read back through the fallback.
     convert(src, tmp_path / "stream.onnx", verify=False)
     assert _files(tmp_path, "stream.onnx") == _files(tmp_path, "memory.onnx")
+
+
+def test_file_system_that_cannot_map_files_reads_the_bytes(tmp_path, small_blocks, monkeypatch):
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    src = _save_external(_mixed_model(np.random.default_rng(9)), tmp_path / "in.onnx")
+    reference, _ = fold(bio.load_model(src))
+    bio.save_model(reference, tmp_path / "memory.onnx", external_data=True)
+    monkeypatch.setattr(mapped.mmap, "mmap", no_mmap)
+    convert(src, tmp_path / "stream.onnx", verify=False)
+    assert _files(tmp_path, "stream.onnx") == _files(tmp_path, "memory.onnx")
