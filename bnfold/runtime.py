@@ -112,13 +112,38 @@ def load(model: ModelLike, label: str) -> tuple[onnx.ModelProto, str]:
     return load_model(model), str(model)
 
 
+def load_for_session(model: ModelLike, label: str) -> tuple[onnx.ModelProto, str, Path | None]:
+    """`load`, except that a model file with external data is not read into memory: returns
+    ``(model, label, path)`` where ``model`` keeps its external references (for its inputs,
+    outputs and shapes) and ``path`` is the file to hand `session` (None for other models).
+
+    The file gets every check of `bnfold.io.load_model` (external data inside the model's
+    folder, sizes); onnxruntime then reads the data itself, once.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return model, label, None
+    from bnfold.io.files import all_tensors
+    from bnfold.io.models import load_model_mapped
+
+    loaded, files = load_model_mapped(model)
+    for fd, _ in files.values():
+        os.close(fd)
+    if not any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(loaded)):
+        return loaded, str(model), None
+    return loaded, str(model), Path(model)
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
-def session(model: onnx.ModelProto, label: str, threads: int = 1):
-    """An onnxruntime CPU session of ``model``, graph optimizations disabled (module docstring)."""
+def session(model: onnx.ModelProto, label: str, threads: int = 1, *, path: Path | None = None):
+    """An onnxruntime CPU session of ``model``, graph optimizations disabled (module docstring).
+
+    ``path``: the file holding ``model`` with its data (`load_for_session`): onnxruntime loads it
+    from there instead of from a serialized copy.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -136,7 +161,7 @@ def session(model: onnx.ModelProto, label: str, threads: int = 1):
         except (ValueError, EncodeError):  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
             data = None
     try:
-        on_disk = None if store is None else store.file_for(model)
+        on_disk = path if path is not None else None if store is None else store.file_for(model)
         if on_disk is not None:
             # A file holds this very model (the input, or a staged output): onnxruntime reads
             # it and its data from there, one copy, no temporary file.

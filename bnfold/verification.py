@@ -49,7 +49,7 @@ from bnfold.runtime import (
     np_dtype,
     random_inputs,
 )
-from bnfold.runtime import load as _load
+from bnfold.runtime import load_for_session as _load_for_session
 from bnfold.runtime import run as _run
 from bnfold.runtime import session as _session
 
@@ -441,8 +441,9 @@ def verify(reference: ModelLike, candidate: ModelLike,
         given inputs do not match the model.
     """
     _check_options(batch, threads, rtol, atol, max_bytes)
-    ref_model, ref_label = _load(reference, "reference model")
-    cand_model, cand_label = _load(candidate, "candidate model")
+    # Files with external data stay on disk: onnxruntime reads them itself, one at a time.
+    ref_model, ref_label, ref_file = _load_for_session(reference, "reference model")
+    cand_model, cand_label, cand_file = _load_for_session(candidate, "candidate model")
     if names is not None:
         ref_label, cand_label = names
     specs = _unify_inputs(feed_inputs(ref_model, ref_label), feed_inputs(cand_model, cand_label),
@@ -479,8 +480,8 @@ def verify(reference: ModelLike, candidate: ModelLike,
                       {name: array.shape for name, array in feeds.items()})
         used_seed = None
 
-    ref_values = _run(_session(ref_model, ref_label, threads), shared, feeds, ref_label)
-    cand_values = _run(_session(cand_model, cand_label, threads), shared, feeds, cand_label)
+    ref_values = _run(_session(ref_model, ref_label, threads, path=ref_file), shared, feeds, ref_label)
+    cand_values = _run(_session(cand_model, cand_label, threads, path=cand_file), shared, feeds, cand_label)
     outputs = [compare_arrays(name, a, b, rtol=rtol, atol=atol)
                for name, a, b in zip(shared, ref_values, cand_values)]
     report = VerifyReport(

@@ -390,3 +390,25 @@ def test_file_system_that_cannot_map_files_reads_the_bytes(tmp_path, small_block
     monkeypatch.setattr(mapped.mmap, "mmap", no_mmap)
     convert(src, tmp_path / "stream.onnx", verify=False)
     assert _files(tmp_path, "stream.onnx") == _files(tmp_path, "memory.onnx")
+
+
+def test_verify_of_files_with_external_data_reads_no_tensor_itself(tmp_path, monkeypatch):
+    """`bnfold verify A B` hands onnxruntime the files: bnfold reads none of their data."""
+    import bnfold.io.external as external
+    from bnfold.verification import verify
+
+    src = _save_external(_mixed_model(np.random.default_rng(10)), tmp_path / "in.onnx")
+    out = tmp_path / "folded.onnx"
+    convert(src, out, verify=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("external data read into memory")
+
+    monkeypatch.setattr(external, "load_external_data", refuse)
+    report = verify(src, out)
+    assert report.ok, report.summary()
+    assert report.reference == str(src) and report.candidate == str(out)
+    # The same check still refuses unsafe files (the rules of bnfold.io.external, applied unread).
+    (tmp_path / "in.onnx.data").write_bytes(b"short")
+    with pytest.raises(BnfoldError, match="too short"):
+        verify(src, out)
