@@ -32,6 +32,7 @@ __all__ = ["fingerprint", "compare"]
 
 _RECORDS: dict[str, set[str]] = {}
 _TESTS: dict[str, set[str]] = {}
+_MAPS: dict[str, list] = {}
 _UNHASHABLE = {"count": 0}
 _CURRENT = {"test": ""}
 
@@ -40,11 +41,35 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_ROOT = {"path": ""}
+
+
+def _without_root(model) -> None:
+    """Replace the test tree's folder in node metadata (PyTorch's ``dynamo=True`` exporter records
+    the source file of each ``forward`` there), so that two checkouts compare equal."""
+    import onnx
+
+    graphs = [model.graph, *model.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            for prop in node.metadata_props:
+                prop.value = prop.value.replace(_ROOT["path"], "<root>")
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+
+
 def _serialized(model) -> bytes | None:
     try:
-        return model.SerializeToString(deterministic=True)
+        data = model.SerializeToString(deterministic=True)
     except Exception:  # noqa: BLE001 - over 2 GiB or invalid UTF-8: not fingerprinted
         return None
+    if _ROOT["path"] and _ROOT["path"].encode() in data:
+        copy = type(model)()
+        copy.CopyFrom(model)
+        _without_root(copy)
+        data = copy.SerializeToString(deterministic=True)
+    return data
 
 
 def fingerprint(result: Any = None, error: BaseException | None = None) -> str:
@@ -81,6 +106,7 @@ def _install() -> None:
             _RECORDS.setdefault(key, set()).add(fingerprint(error=exc))
             raise
         _RECORDS.setdefault(key, set()).add(fingerprint(result))
+        _MAPS[key] = [entry.tensor_map for entry in result[1].entries]
         return result
 
     fold_pass.FoldBatchNormPass.run = run
@@ -93,10 +119,12 @@ def _dump() -> None:
     records = {key: sorted(values) for key, values in sorted(_RECORDS.items())}
     tests = {key: sorted(values) for key, values in sorted(_TESTS.items())}
     with open(path, "w") as handle:
-        json.dump({"records": records, "tests": tests, "not_fingerprinted": _UNHASHABLE["count"]}, handle, indent=0)
+        json.dump({"records": records, "tests": tests, "tensor_maps": _MAPS, "not_fingerprinted": _UNHASHABLE["count"]},
+                  handle, indent=0)
 
 
 def pytest_configure(config) -> None:  # noqa: D103 - pytest hook
+    _ROOT["path"] = str(config.rootpath)
     _install()
     atexit.register(_dump)
 
@@ -121,6 +149,18 @@ def compare(before: dict, after: dict, *, tensor_map: bool = True) -> tuple[int,
     return len(common), len(set(a) - set(b)), len(set(b) - set(a)), differing
 
 
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _map_contains(later: list[dict], earlier: list[dict]) -> bool:
+    """True if each entry's map has the same originals and names every new tensor named earlier."""
+    return len(later) == len(earlier) and all(
+        set(new) == set(old) and all(set(_as_list(old[name])) <= set(_as_list(new[name])) for name in old)
+        for new, old in zip(later, earlier)
+    )
+
+
 def main(argv: list[str]) -> int:
     before, after = (json.load(open(path)) for path in argv[:2])
     compared, only_before, only_after, differing = compare(before, after)
@@ -136,6 +176,9 @@ def main(argv: list[str]) -> int:
     for key in maps[:10]:
         print(f"DIFFERENT {key[:16]}: {before['records'][key]} != {after['records'][key]}")
     print("bit-identical" if not differing else f"{len(differing)} inputs fold differently")
+    if differing and "tensor_maps" in before and "tensor_maps" in after:
+        kept = sum(_map_contains(after["tensor_maps"][key], before["tensor_maps"][key]) for key in differing)
+        print(f"tensor maps of the later run that name every tensor the earlier one did: {kept} of {len(differing)}")
     print(f"folded models and reports without their tensor maps: {len(maps)} inputs differ"
           f" ({len(differing) - len(maps)} differ in their tensor maps only)")
     return 1 if maps else 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
@@ -29,6 +29,9 @@ from bnfold.folding.nodes import AttributeRef, get_attr, is_default, node_label
 from bnfold.folding.patterns import Skip
 from bnfold.folding.tensors import np_dtype, tensor_to_array
 from bnfold.io.mapped import covers
+
+if TYPE_CHECKING:
+    from bnfold.folding.index import GraphIndex
 
 __all__ = [
     "MAX_CONSTANT_ELEMENTS",
@@ -253,7 +256,7 @@ class Constants:
         ``parent`` (whose `Constants` answers for outer-scope names), and the `Scope` queries.
     """
 
-    def __init__(self, index) -> None:
+    def __init__(self, index: GraphIndex) -> None:
         self.index = index
         self._cache: dict[str, tuple[np.ndarray | None, str | None]] = {}
 

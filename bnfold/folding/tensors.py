@@ -42,7 +42,7 @@ def np_dtype(elem_type: int) -> np.dtype | None:
     """NumPy dtype of an ONNX element type (ml_dtypes' bfloat16 for BFLOAT16), or None."""
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-    except (KeyError, ValueError, TypeError):  # UNDEFINED, STRING's object dtype is fine, unknown codes
+    except (KeyError, ValueError, TypeError):  # UNDEFINED and codes this onnx version does not know
         return None
 
 
