@@ -48,7 +48,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import build_model  # noqa: E402 - the benchmarks folder is not a package
+from bench_convert import build_model
 
 _ROWS = ("800", "peer", "1gib", "scaling", "latency")
 
@@ -75,10 +75,11 @@ def machine_lines() -> list[str]:
             versions.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{name} -")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     return [f"machine: {cpu}, {os.cpu_count()} CPUs{memory}, {platform.system()} {platform.release()}",
-            f"python {platform.python_version()}; " + ", ".join(versions) + (f"; bnfold commit {commit}" if commit else "")]
+            f"python {platform.python_version()}; " + ", ".join(versions)
+            + (f"; bnfold commit {commit}" if commit else "")]
 
 
 # ---- child processes --------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def run_child(command: list[str]) -> tuple[float, int]:
     own peak RSS in bytes."""
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "maxrss"
-        result = subprocess.run([sys.executable, "-c", _LAUNCHER, str(report), *command],
+        result = subprocess.run([sys.executable, "-c", _LAUNCHER, str(report), *command], check=False,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if result.returncode != 0:
             raise RuntimeError(f"{command} failed ({result.returncode}): {result.stderr.decode()[-2000:]}")
@@ -295,7 +296,8 @@ def row_peer(tmp: Path) -> None:
     best = alternate(1, {"bnfold": (convert(src, out, "--no-verify"), [out]),
                          "onnxoptimizer": ([sys.executable, "-c", code, str(src), str(peer)], [peer])})
     print(f"200 Conv+BN blocks: onnxoptimizer fuse_bn_into_conv {best['onnxoptimizer'][0]:.2f} s,"
-          f" bnfold convert --no-verify {best['bnfold'][0]:.2f} s -> bnfold {best['onnxoptimizer'][0] / best['bnfold'][0]:.1f}x faster")
+          f" bnfold convert --no-verify {best['bnfold'][0]:.2f} s"
+          f" -> bnfold {best['onnxoptimizer'][0] / best['bnfold'][0]:.1f}x faster")
     remove_outputs([out, peer, src])
 
 

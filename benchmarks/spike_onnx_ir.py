@@ -97,7 +97,8 @@ def fold_model(model: ir.Model) -> int:
         new.outputs[0].name = name
         graph.remove([bn, linear], safe=True)
         folded += 1
-    for name in [name for name, value in graph.initializers.items() if not value.uses() and not value.is_graph_output()]:
+    unused = [name for name, value in graph.initializers.items() if not value.uses() and not value.is_graph_output()]
+    for name in unused:
         del graph.initializers[name]
     return folded
 
@@ -127,14 +128,13 @@ def _loc(*functions) -> int:
 def bench(repeat: int, tmp_root: str | None) -> int:
     import tempfile
 
-    import onnx
-
     import bench_graph as bg
+    import onnx
     from bench_convert import build_model
 
     print("\n".join(bg.machine_lines()))
     here = Path(__file__).resolve()
-    spike = lambda src, out: [sys.executable, str(here), str(src), str(out)]  # noqa: E731
+    spike = lambda src, out: [sys.executable, str(here), str(src), str(out)]
     with tempfile.TemporaryDirectory(prefix="bnfold-spike-", dir=tmp_root) as name:
         tmp = Path(name)
         src = tmp / "deep800.onnx"
@@ -163,13 +163,14 @@ def bench(repeat: int, tmp_root: str | None) -> int:
 def _report(label: str, best: dict, size: int, outs: dict) -> None:
     (t_s, rss_s), (t_b, rss_b) = best["spike (onnx-ir)"], best["bnfold"]
     print(f"{label}: spike {t_s:.2f} s, peak RSS {rss_s / 1024**2:.0f} MiB ({rss_s / size:.2f} x model);"
-          f" bnfold {t_b:.2f} s, {rss_b / 1024**2:.0f} MiB ({rss_b / size:.2f} x); spike / bnfold time {t_s / t_b:.2f}x;"
+          f" bnfold {t_b:.2f} s, {rss_b / 1024**2:.0f} MiB ({rss_b / size:.2f} x);"
+          f" spike / bnfold time {t_s / t_b:.2f}x;"
           f" folded weights identical: {_same_weights(outs['spike'], outs['bnfold'])}")
 
 
 def _same_weights(a: Path, b: Path) -> bool:
     left, right = ir.load(a), ir.load(b)
-    weights = lambda m: sorted(  # noqa: E731
+    weights = lambda m: sorted(
         (v.const_value.numpy().tobytes() for v in m.graph.initializers.values() if v.name.endswith("weight_folded")
          or (v.name.startswith("w") and v.name.endswith("_folded"))), key=len)
     wa, wb = weights(left), weights(right)

@@ -145,8 +145,8 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
             result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
             if json_path is not None:
                 write_json(json_path, result)
-            raise VerificationError(_failure_message(out, verification, report, result["culprits"], keep_failing_unfolded),
-                                    verification)
+            message = _failure_message(out, verification, report, result["culprits"], keep_failing_unfolded)
+            raise VerificationError(message, verification)
 
         # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
         # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.

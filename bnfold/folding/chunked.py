@@ -21,7 +21,7 @@ import numpy as np
 from bnfold.folding.algebra import _finfo
 from bnfold.folding.casting import flush_subnormals
 
-__all__ = ["Cast", "Deferred", "scale_and_cast", "BLOCK_BYTES"]
+__all__ = ["BLOCK_BYTES", "Cast", "Deferred", "scale_and_cast"]
 
 #: float64 bytes per block: large enough that the per-block overhead is invisible, small enough
 #: to be noise next to the weight itself.

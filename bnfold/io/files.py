@@ -18,7 +18,10 @@ from bnfold.errors import BnfoldError
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["pwrite_all", "pread_into", "PROTOBUF_LIMIT", "serialized_size", "one_line", "check_input_file", "read_bytes", "resolved", "same_file", "all_tensors"]
+__all__ = [
+    "PROTOBUF_LIMIT", "serialized_size", "one_line", "check_input_file", "read_bytes", "resolved", "same_file",
+    "all_tensors", "pwrite_all", "pread_into",
+]
 
 # Protobuf refuses to parse or serialize a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1

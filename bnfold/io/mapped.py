@@ -37,8 +37,18 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.io.files import pread_into, pwrite_all
 
-__all__ = ["MappedModel", "open_model", "active", "external_array", "release", "spill", "defer", "defers", "covers",
-           "SPILL_MIN_BYTES"]
+__all__ = [
+    "SPILL_MIN_BYTES",
+    "MappedModel",
+    "active",
+    "covers",
+    "defer",
+    "defers",
+    "external_array",
+    "open_model",
+    "release",
+    "spill",
+]
 
 #: New tensors at least this large go to the scratch file while a model is open (smaller ones
 #: cost less in memory than a file round trip).
@@ -208,7 +218,7 @@ def external_array(tensor: onnx.TensorProto, dtype: np.dtype) -> np.ndarray:
         return values
     count = length // dtype.itemsize
     try:
-        view = store._mapped(source).view(offset, length)  # noqa: SLF001 - same module
+        view = store._mapped(source).view(offset, length)
     except (OSError, ValueError):  # a file system that cannot map files: read the bytes instead
         buffer = bytearray(length)
         if pread_into(source.fd, memoryview(buffer), offset) != length:
@@ -227,7 +237,7 @@ def release(array: np.ndarray) -> None:
         return
     start = array.__array_interface__["data"][0]
     end = start + array.nbytes
-    for source in store._sources.values():  # noqa: SLF001 - same module
+    for source in store._sources.values():
         if source.map is None:
             continue
         base = source.address

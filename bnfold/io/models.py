@@ -48,7 +48,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     return _load(Path(path), check=check, mapped=False)[0]
 
 
-def load_model_mapped(path: str | os.PathLike, *, check: bool = True) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
+def load_model_mapped(path: str | os.PathLike, *,
+                      check: bool = True) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
     """`load_model` that leaves external tensors on disk: the same checks, no tensor data read.
 
     Returns the model (its external tensors still refer to their files) and the open data files,

@@ -15,16 +15,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import bnfold.folding.chunked as chunked
-import bnfold.io.mapped as mapped
-import bnfold.io.writing as writing
 from bnfold import io as bio
 from bnfold.conversion import convert
 from bnfold.errors import BnfoldError
-from bnfold.folding import fold
-from bnfold.folding import algebra
+from bnfold.folding import algebra, chunked, fold
 from bnfold.folding.algebra import check_representable, fold_affine
 from bnfold.folding.tensors import tensor_to_array
+from bnfold.io import mapped, writing
 
 
 def _save_external(model: onnx.ModelProto, path: Path, threshold: int = 0) -> Path:
@@ -199,9 +196,8 @@ def _external_gemm(builders, folder: Path, **entries) -> Path:
 )
 def test_open_model_refuses_what_load_model_refuses(builders, tmp_path, entries, expected):
     path = _external_gemm(builders, tmp_path, **entries)
-    with pytest.raises(BnfoldError, match=expected) as info:
-        with mapped.open_model(path):
-            pass
+    with pytest.raises(BnfoldError, match=expected) as info, mapped.open_model(path):
+        pass
     assert "gemm.W" in str(info.value) and str(path) in str(info.value)
 
 
@@ -213,9 +209,8 @@ def test_open_model_refuses_a_symlink_out_of_the_folder(builders, tmp_path):
     path = _external_gemm(builders, inside)
     (inside / "w.bin").unlink()
     (inside / "w.bin").symlink_to(outside / "w.bin")
-    with pytest.raises(BnfoldError, match="outside the model's folder"):
-        with mapped.open_model(path):
-            pass
+    with pytest.raises(BnfoldError, match="outside the model's folder"), mapped.open_model(path):
+        pass
 
 
 def test_open_model_maps_without_reading_and_reads_on_demand(builders, tmp_path):
@@ -360,10 +355,9 @@ def test_atomic_path_final_name_is_decided_after_the_block(tmp_path):
         tmp.write_bytes(b"content")
         name.append("x.1234.data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.1234.data"]
-    with pytest.raises(RuntimeError):
-        with bio.atomic_path(tmp_path / "y.data", final_name=lambda: "y.5678.data") as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), bio.atomic_path(tmp_path / "y.data", final_name=lambda: "y.5678.data") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.1234.data"]
 
 
@@ -394,7 +388,7 @@ def test_file_system_that_cannot_map_files_reads_the_bytes(tmp_path, small_block
 
 def test_verify_of_files_with_external_data_reads_no_tensor_itself(tmp_path, monkeypatch):
     """`bnfold verify A B` hands onnxruntime the files: bnfold reads none of their data."""
-    import bnfold.io.external as external
+    from bnfold.io import external
     from bnfold.verification import verify
 
     src = _save_external(_mixed_model(np.random.default_rng(10)), tmp_path / "in.onnx")
