@@ -17,6 +17,7 @@ written with every tensor of 1 KiB or more in a sidecar ``OUT.<content hash>.dat
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -140,60 +141,69 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
         raise BnfoldError("missing -o/--output (or give --in-place to replace IN)")
     out = Path(output_path) if output_path is not None else source
     _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
-    model, external, size_before, in_bytes = _load(source)
-    statistics = _statistics(model, pins, str(source), out, run=verify, threads=threads, strict=strict, warn=warn)
-    loaded = time.perf_counter()
+    # External data stays on disk (memory-mapped) until the end: `stack` closes it.
+    with contextlib.ExitStack() as stack:
+        model, external, size_before, in_bytes = _load(source, out, stack)
+        statistics = _statistics(model, pins, str(source), out, run=verify, threads=threads, strict=strict,
+                                 warn=warn)
+        loaded = time.perf_counter()
 
-    fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs,
-                    "inline_functions": inline_functions}
-    if pins:
-        fold_options["pins"] = dict(pins)
-    folded, report = _fold(model, fold_options)
-    fold_done = time.perf_counter()
+        fold_options = {"decompose_rest": decompose_rest, "keep_initializer_inputs": keep_initializer_inputs,
+                        "inline_functions": inline_functions}
+        if pins:
+            fold_options["pins"] = dict(pins)
+        folded, report = _fold(model, fold_options)
+        fold_done = time.perf_counter()
 
-    result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
-                              "max_abs_error": None, "culprits": [], "kept_unfolded": [], "external_data": external,
-                              "statistics": statistics}
-    verification = None
-    if verify:
-        options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
-                   "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}"),
-                   "outputs_only": outputs_only}
-        # Pinned switches: the reference is IN run with the pinned values (its own default otherwise).
-        reference = _pinned_reference(model, pins)
-        folded, report, verification = _verify(reference, folded, report, fold_options, options,
-                                               keep_failing_unfolded, result)
-        verification.reference, verification.candidate = str(source), str(out)
-        result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs, ok=verification.ok,
-                      verification_summary=verification.summary())
-    verify_done = time.perf_counter()
-    result.update({
-        "bn_folded": report.folded,
-        "bn_total": report.total,
-        "fold": report.to_dict(),
-        "tensor_map": _merged_tensor_map(report),
-        "kept_by_reason": _kept_by_reason(report),
-        "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
-        "size_bytes": {"before": size_before, "after": None},
-    })
+        result: dict[str, Any] = {"input": str(source), "output": str(out), "ok": True, "verification": None,
+                                  "max_abs_error": None, "culprits": [], "kept_unfolded": [],
+                                  "external_data": external, "statistics": statistics}
+        verification = None
+        staged = _stage(folded, out, external, stack) if verify else None
+        if verify:
+            options = {"inputs": inputs, "rtol": rtol, "atol": atol, "batch": batch, "seed": seed,
+                       "threads": threads, "max_bytes": max_bytes, "names": (str(source), f"folded model for {out}"),
+                       "outputs_only": outputs_only}
+            # Pinned switches: the reference is IN run with the pinned values (its own default otherwise).
+            reference = _pinned_reference(model, pins)
+            folded, report, verification = _verify(reference, folded, report, fold_options, options,
+                                                   keep_failing_unfolded, result)
+            verification.reference, verification.candidate = str(source), str(out)
+            result.update(verification=verification.to_dict(), max_abs_error=verification.max_abs,
+                          ok=verification.ok, verification_summary=verification.summary())
+        verify_done = time.perf_counter()
+        result.update({
+            "bn_folded": report.folded,
+            "bn_total": report.total,
+            "fold": report.to_dict(),
+            "tensor_map": _merged_tensor_map(report),
+            "kept_by_reason": _kept_by_reason(report),
+            "nodes": {"before": _count_nodes(model.graph), "after": _count_nodes(folded.graph)},
+            "size_bytes": {"before": size_before, "after": None},
+        })
 
-    if not result["ok"]:
+        if not result["ok"]:
+            result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
+            if json_path is not None:
+                write_json(json_path, result)
+            message = _failure_message(out, verification, report, result["culprits"], keep_failing_unfolded)
+            raise VerificationError(message, verification)
+
+        # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
+        # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.
+        external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and serialized_size(folded) > _PROTOBUF_LIMIT)
+        if staged is not None and staged[1] is folded:  # verified as staged: move it into place
+            staged[0].commit()
+            if check:
+                _check(str(out), out, written=True)
+        else:
+            _write(folded, out, external=external, check=check)
+        sidecars = _external_files(out) if external else []
+        result["size_bytes"]["after"] = _disk_size(out, sidecars)
         result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
         if json_path is not None:
             write_json(json_path, result)
-        raise VerificationError(_failure_message(out, verification, report, result["culprits"], keep_failing_unfolded),
-                                verification)
-
-    # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
-    # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.
-    external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and serialized_size(folded) > _PROTOBUF_LIMIT)
-    _write(folded, out, external=external, check=check)
-    sidecars = _external_files(out) if external else []
-    result["size_bytes"]["after"] = _disk_size(out, sidecars)
-    result["timing_s"] = _timing(started, loaded, fold_done, verify_done, time.perf_counter())
-    if json_path is not None:
-        write_json(json_path, result)
-    return ConvertResult(data=result, report=report, verification=verification)
+        return ConvertResult(data=result, report=report, verification=verification)
 
 
 def _statistics(model: onnx.ModelProto, pins: Mapping[str, Any] | None, label: str, out: Path, *, run: bool,
@@ -225,6 +235,22 @@ def _merged_tensor_map(report) -> dict[str, list[str]]:
         for name, news in entry.tensor_map.items():
             merged.setdefault(name, []).extend(new for new in news if new not in merged[name])
     return merged
+
+
+def _stage(folded: onnx.ModelProto, out: Path, external: bool, stack: contextlib.ExitStack):
+    """``(StagedModel, folded)``: OUT written beside its place before verification, for a model
+    whose data stays on disk, so that onnxruntime verifies the very files that are then moved
+    into place (one copy of the data, not two); None for other models. ``stack`` removes the
+    staged files unless they are committed."""
+    from bnfold.io.mapped import active
+    from bnfold.io.writing import stage_model
+
+    store = active()
+    if not external or store is None or store.scratch_dir is None:
+        return None
+    staged = stack.enter_context(stage_model(folded, out))
+    store.register_file(folded, staged.tmp)
+    return staged, folded
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:
@@ -417,15 +443,21 @@ def _summary_lines(result: dict[str, Any], report: Any, *, verbose: bool = False
     return lines
 
 
-def _load(source: Path) -> tuple[onnx.ModelProto, bool, int, int]:
+def _load(source: Path, out: Path, stack: contextlib.ExitStack) -> tuple[onnx.ModelProto, bool, int, int]:
     """The model, whether OUT should use external data, IN's size on disk (with its data), and
-    the model's serialized size in memory."""
-    from bnfold.io import load_model
+    the model's serialized size in memory.
 
-    model = load_model(source)
+    External data is memory-mapped, not read (`bnfold.io.mapped`): folds read only the tensors
+    they change, large folded tensors wait in a scratch file beside OUT, and the writer copies
+    the rest file to file. The mapping lives as long as ``stack``.
+    """
+    from bnfold.io.files import resolved
+    from bnfold.io.mapped import open_model
+
+    model = stack.enter_context(open_model(source, scratch_dir=resolved(out).parent)).model
     data_files = _external_files(source)  # recorded by load_model: no second parse
     size = _disk_size(source, data_files)
-    # Without external data the file is the serialized model; with it, measure (the data is in memory now).
+    # Without external data the file is the serialized model; with it, the model without its data.
     in_bytes = serialized_size(model) if data_files else source.stat().st_size
     return model, bool(data_files) or in_bytes > _PROTOBUF_LIMIT, size, in_bytes
 

@@ -119,13 +119,39 @@ def load(model: ModelLike, label: str) -> tuple[onnx.ModelProto, str]:
     return load_model(model), str(model)
 
 
+def load_for_session(model: ModelLike, label: str) -> tuple[onnx.ModelProto, str, Path | None]:
+    """`load`, except that a model file with external data is not read into memory: returns
+    ``(model, label, path)`` where ``model`` keeps its external references (for its inputs,
+    outputs and shapes) and ``path`` is the file to hand `session` (None for other models).
+
+    The file gets every check of `bnfold.io.load_model` (external data inside the model's
+    folder, sizes); onnxruntime then reads the data itself, once.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return model, label, None
+    from bnfold.io.files import all_tensors
+    from bnfold.io.models import load_model_mapped
+
+    loaded, files = load_model_mapped(model)
+    for fd, _ in files.values():
+        os.close(fd)
+    if not any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(loaded)):
+        return loaded, str(model), None
+    return loaded, str(model), Path(model)
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
-def session(model: onnx.ModelProto, label: str, threads: int = 1):
-    """An onnxruntime CPU session of ``model``, graph optimizations disabled (module docstring)."""
+def session(model: onnx.ModelProto, label: str, threads: int = 1, *, path: Path | None = None):
+    """An onnxruntime CPU session of ``model``, graph optimizations disabled (module docstring).
+
+    ``path``: the file whose external data ``model`` refers to (`load_for_session`; ``model`` may
+    be that file's model with more outputs, see `expose`): onnxruntime reads the data from the
+    file's folder, and only the small model proto is serialized.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -135,16 +161,37 @@ def session(model: onnx.ModelProto, label: str, threads: int = 1):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Errors reach the user as one BnfoldError line; onnxruntime's own log would add more lines.
     options.log_severity_level = 4
+    store = None if path is not None else _mapped_store(model)
+    on_disk = path if path is not None else None if store is None else store.file_for(model)
+    data = None
     try:
-        data = model.SerializeToString()
-    except (ValueError, EncodeError):  # over protobuf's 2 GB limit: hand onnxruntime a file with external data
-        data = None
-    try:
+        if on_disk is not None:
+            # A file holds this model's data (the input, or a staged output): onnxruntime reads it
+            # from there, once, no temporary copy. The model itself may have more outputs than the
+            # file's (`expose`): the small proto goes from memory, the data is resolved in the
+            # file's folder (onnxruntime >= 1.21).
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(on_disk).resolve().parent))
+            if store is not None:  # an open model: its tensors point into the file as written there
+                proto = onnx.load(str(on_disk), load_external_data=False)
+                del proto.graph.output[:]
+                proto.graph.output.extend(model.graph.output)
+                data = proto.SerializeToString()
+            else:
+                data = model.SerializeToString()
+            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        if store is None:
+            try:
+                data = model.SerializeToString()
+            except (ValueError, EncodeError):  # over protobuf's 2 GB limit: a file with external data
+                data = None
         if data is not None:
             return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         from bnfold.io import save_model
 
-        with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
+        # Beside the output when a model is open from disk (its scratch folder), not in /tmp.
+        folder_of = None if store is None else store.scratch_dir
+        with tempfile.TemporaryDirectory(prefix=".bnfold-verify-", dir=folder_of) as folder:
             path = Path(folder) / "model.onnx"
             # Not onnx.save_model(save_as_external_data=True): it rewrites the caller's model in
             # place to point at the temporary files.
@@ -152,6 +199,19 @@ def session(model: onnx.ModelProto, label: str, threads: int = 1):
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise BnfoldError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}") from None
+
+
+def _mapped_store(model: onnx.ModelProto):
+    """The open model (`bnfold.io.mapped`) whose files hold some of ``model``'s tensors, if any."""
+    from bnfold.io.files import all_tensors
+    from bnfold.io.mapped import active
+
+    store = active()
+    if store is None:
+        return None
+    if store.file_for(model) is not None or any(store.span(tensor) is not None for tensor in all_tensors(model)):
+        return store
+    return None
 
 
 def run(sess, names: list[str], feeds: dict[str, np.ndarray], label: str) -> list[np.ndarray]:
@@ -187,6 +247,10 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
             value.CopyFrom(known[name])
         else:
             value.name = name
+    store = _mapped_store(model)
+    held_in = None if store is None else store.file_for(model)
+    if held_in is not None:  # the same data on disk: `session` reads it from that file
+        store.register_file(exposed, held_in)
     return exposed
 
 

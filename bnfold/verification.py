@@ -47,6 +47,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ from bnfold.runtime import (
     np_dtype,
     random_inputs,
 )
-from bnfold.runtime import load as _load
+from bnfold.runtime import load_for_session as _load_for_session
 from bnfold.runtime import run as _run
 from bnfold.runtime import session as _session
 
@@ -507,6 +508,7 @@ class _Model:
 
     model: onnx.ModelProto
     label: str
+    file: Path | None = None  # the file holding the model's external data (`runtime.load_for_session`)
     sess: Any = None
     order: list[str] = field(default_factory=list)  # tensor-typed outputs of the session, topological
     per_row: dict[str, float] = field(default_factory=dict)
@@ -516,9 +518,10 @@ class _Model:
         graph_outputs = [value.name for value in self.model.graph.output]
         names = list(dict.fromkeys([*computed_tensors(self.model), *graph_outputs])) if layers else graph_outputs
         if not layers:
-            self.sess = _session(self.model, self.label, threads)
-        elif serialized_size(self.model) < _COPY_LIMIT:
-            self.sess = _session(expose(self.model, names), self.label, threads)
+            self.sess = _session(self.model, self.label, threads, path=self.file)
+        elif self.file is not None or serialized_size(self.model) < _COPY_LIMIT:
+            # With its data on disk the model is small: expose a copy, onnxruntime reads the data.
+            self.sess = _session(expose(self.model, names), self.label, threads, path=self.file)
         else:
             self.sess = _exposed_in_place(self.model, names, self.label, threads)
         sizes, self.uncertain = tensor_bytes(self.sess, 1)
@@ -600,8 +603,9 @@ def verify(reference: ModelLike, candidate: ModelLike,
         deterministic (two runs on the same input differ).
     """
     _check_options(batch, threads, rtol, atol, max_bytes)
-    ref_model, ref_label = _load(reference, "reference model")
-    cand_model, cand_label = _load(candidate, "candidate model")
+    # Files with external data stay on disk: onnxruntime reads them itself, one at a time.
+    ref_model, ref_label, ref_file = _load_for_session(reference, "reference model")
+    cand_model, cand_label, cand_file = _load_for_session(candidate, "candidate model")
     if names is not None:
         ref_label, cand_label = names
     specs = unify_inputs(feed_inputs(ref_model, ref_label), feed_inputs(cand_model, cand_label),
@@ -625,7 +629,7 @@ def verify(reference: ModelLike, candidate: ModelLike,
     budget = max_bytes - held
     describe = _memory_message(ref_label, feeds, held, max_bytes)
 
-    sides = [_Model(ref_model, ref_label), _Model(cand_model, cand_label)]
+    sides = [_Model(ref_model, ref_label, ref_file), _Model(cand_model, cand_label, cand_file)]
     for side in sides:
         side.open(not outputs_only, threads)
     for side in sides:

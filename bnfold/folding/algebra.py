@@ -25,6 +25,8 @@ __all__ = [
     "affine_step",
     "fold_affine",
     "fold_affine_general",
+    "fold_bias",
+    "fold_bias_general",
     "fold_affine_into_consumer",
     "fold_affine_into_gemm_input",
     "fold_batchnorm",
@@ -87,8 +89,15 @@ def fold_affine(weight, bias, scale, shift, *, axis: int, out: np.ndarray | None
     assert w.shape[axis] == scale.shape[0] == shift.shape[0], (w.shape, axis, scale.shape)
     # One pass: the ufunc widens each (exactly representable) weight to float64 on the fly.
     new_weight = np.multiply(w, _along(scale, axis, w.ndim), dtype=np.float64, out=out)
-    new_bias = shift if bias is None else shift + np.asarray(bias, dtype=np.float64) * scale
-    return new_weight, new_bias
+    return new_weight, fold_bias(bias, scale, shift)
+
+
+def fold_bias(bias, scale, shift) -> np.ndarray:
+    """``b' = shift + b * scale`` in float64 (``shift`` without a bias): the bias half of
+    `fold_affine`, for callers that compute the weight in blocks (`bnfold.folding.chunked`)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    shift = np.asarray(shift, dtype=np.float64)
+    return shift if bias is None else shift + np.asarray(bias, dtype=np.float64) * scale
 
 
 def fold_affine_general(weight, c, scale, shift, *, axis: int, alpha: float = 1.0, beta: float = 1.0,
@@ -104,14 +113,26 @@ def fold_affine_general(weight, c, scale, shift, *, axis: int, alpha: float = 1.
     a scalar or (N,) ``C`` becomes (N,). Returns float64 ``(B', C')``.
     """
     scale = np.asarray(scale, dtype=np.float64)
-    c64 = None
-    if c is not None:
-        c64 = beta * np.asarray(c, dtype=np.float64)
-        if c64.ndim < 2:  # scalar, (1,) or (N,): one value per column
-            c64 = np.broadcast_to(c64.reshape(-1), (scale.shape[0],))
+    c64 = _gemm_c(c, scale, beta)
     # alpha = 1 (the ONNX default) needs no float64 copy of the weight: fold_affine widens it.
     w = weight if alpha == 1.0 else alpha * np.asarray(weight, dtype=np.float64)
     return fold_affine(w, c64, scale, shift, axis=axis, out=out)
+
+
+def fold_bias_general(c, scale, shift, *, beta: float = 1.0) -> np.ndarray:
+    """``C' = shift + scale * beta * C``: the bias half of `fold_affine_general` (its weight half
+    is computed in blocks by `bnfold.folding.chunked.scale_and_cast`)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    return fold_bias(_gemm_c(c, scale, beta), scale, shift)
+
+
+def _gemm_c(c, scale: np.ndarray, beta: float) -> np.ndarray | None:
+    if c is None:
+        return None
+    c64 = beta * np.asarray(c, dtype=np.float64)
+    if c64.ndim < 2:  # scalar, (1,) or (N,): one value per column
+        c64 = np.broadcast_to(c64.reshape(-1), (scale.shape[0],))
+    return c64
 
 
 def fold_affine_into_consumer(weight, bias, scale, shift, *, in_axis: int, out_axis: int, groups: int = 1):

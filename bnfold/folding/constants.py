@@ -28,6 +28,7 @@ from onnx import TensorProto, numpy_helper
 from bnfold.folding.nodes import AttributeRef, get_attr, is_default, node_label
 from bnfold.folding.patterns import Skip
 from bnfold.folding.tensors import np_dtype, tensor_to_array
+from bnfold.io.mapped import covers
 
 if TYPE_CHECKING:
     from bnfold.folding.index import GraphIndex
@@ -328,7 +329,7 @@ class Constants:
                 f"'{name}' is an initializer also listed as a graph input (kept as an input:"
                 " keep_initializer_inputs)"
             )
-        if tensor.data_location == TensorProto.EXTERNAL:
+        if tensor.data_location == TensorProto.EXTERNAL and not covers(tensor):
             return None, f"'{name}' is stored as external data that was not loaded"
         try:
             return tensor_to_array(tensor), None

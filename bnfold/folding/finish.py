@@ -24,6 +24,7 @@ import onnx
 
 from bnfold.folding.batchnorm import BatchNormParams
 from bnfold.folding.casting import cast_folded
+from bnfold.folding.chunked import Cast, Deferred
 from bnfold.folding.index import GraphIndex
 from bnfold.folding.patterns import Rewrite, Skip
 
@@ -40,12 +41,22 @@ class FoldedTensors:
     subnormals: int
 
 
-def cast_and_name(index: GraphIndex, weight64: np.ndarray, bias64: np.ndarray, elem_type: int, *,
-                  weight_name: str, bias_name: str | None, hint: str) -> FoldedTensors | Skip:
+def cast_and_name(index: GraphIndex, weight64: np.ndarray | Cast | Deferred | str, bias64: np.ndarray,
+                  elem_type: int, *, weight_name: str, bias_name: str | None, hint: str) -> FoldedTensors | Skip:
     """Cast a fold's float64 weight and bias to ``elem_type`` (`cast_folded`) and reserve fresh
     names for them: ``<weight>_folded`` and ``<bias>_folded`` (``<hint>_bias_folded`` when the
-    linear node had no bias)."""
-    cast_w = cast_folded(weight64, elem_type, f"folded weight of '{weight_name}'")
+    linear node had no bias).
+
+    A weight computed block by block (`bnfold.folding.chunked.scale_and_cast`) comes already
+    cast (`Cast`), to be computed when written (`Deferred`), or as the reason it cannot be cast.
+    """
+    what = f"folded weight of '{weight_name}'"
+    if isinstance(weight64, str):
+        return Skip(f"{what}: {weight64}")
+    if isinstance(weight64, (Cast, Deferred)):
+        cast_w: tuple = (weight64.array if isinstance(weight64, Cast) else weight64, weight64.flushed)
+    else:
+        cast_w = cast_folded(weight64, elem_type, what)
     if isinstance(cast_w, Skip):
         return cast_w
     cast_b = cast_folded(bias64, elem_type, "folded bias")

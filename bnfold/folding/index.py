@@ -36,7 +36,9 @@ from bnfold.folding.nodes import (
     node_label,
 )
 from bnfold.folding.patterns import Rewrite
+from bnfold.folding.chunked import Deferred
 from bnfold.folding.tensors import array_to_tensor, elem_type_of
+from bnfold.io.mapped import defer
 
 if TYPE_CHECKING:
     from bnfold.folding.report import FoldReport
@@ -324,6 +326,17 @@ class GraphIndex:
             new_nodes.extend(replacement)
         constant_nodes = []
         for name, array in rewrite.constants.items():
+            if isinstance(array, Deferred):
+                if self.function is None:
+                    # Computed when written (bnfold.folding.chunked): never in memory as a whole.
+                    tensor = self.graph.initializer.add()
+                    tensor.name, tensor.data_type = name, elem_type_of(array.dtype)
+                    tensor.dims.extend(array.shape)
+                    defer(tensor, array)
+                    self.initializers[name] = tensor
+                    self.constants.forget(name)
+                    continue
+                array = array.materialize()
             elem_type = elem_type_of(np.asarray(array).dtype)
             if self.function is not None:
                 tensor = array_to_tensor(array, name, elem_type)

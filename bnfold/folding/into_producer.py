@@ -35,14 +35,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.folding.algebra import fold_affine_general
+from bnfold.folding.algebra import fold_bias_general
 from bnfold.folding.batchnorm import BatchNormParams, read_batchnorm
 from bnfold.folding.casting import FLOAT_TYPES
+from bnfold.folding.chunked import Cast, scale_and_cast
 from bnfold.folding.finish import bn_sources, cast_and_name, finish
 from bnfold.folding.index import GraphIndex
 from bnfold.folding.linear_ops import LINEAR_OPS, LinearOp, linear_op
 from bnfold.folding.nodes import is_default, node_label
 from bnfold.folding.patterns import Invalid, Rewrite, Skip, pattern
+from bnfold.folding.tensors import np_dtype
 
 __all__ = ["PATTERNS", "LinearFold", "fold_into_producer", "fold_into_linear"]
 
@@ -176,9 +178,14 @@ def fold_into_linear(producer: onnx.NodeProto, affine: Affine, channels: int, in
                 return Skip(f"{op.op_type} bias '{bias_name}' has shape {bias.shape}")
             bias = np.asarray(bias).reshape(-1)
     scale, shift = affine
-    weight64, bias64 = fold_affine_general(view, bias, scale, shift, axis=axis, alpha=layout.alpha, beta=layout.beta,
-                                           out=index.ctx.workspace(view.shape))
-    folded = cast_and_name(index, restore(weight64), bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
+    # W' = alpha * W * scale, block by block (bnfold.folding.chunked); C' as fold_affine_general.
+    new_weight = scale_and_cast(view, scale, axis=axis, dtype=np_dtype(elem_type),
+                                alpha=None if layout.alpha == 1.0 else layout.alpha,
+                                scratch=index.ctx.workspace, defer=view is weight)
+    if isinstance(new_weight, Cast):
+        new_weight = Cast(restore(new_weight.array), new_weight.flushed)
+    bias64 = fold_bias_general(bias, scale, shift, beta=layout.beta)
+    folded = cast_and_name(index, new_weight, bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
                            hint=producer.name or output)
     if isinstance(folded, Skip):
         return folded
@@ -233,9 +240,10 @@ def _fold_matmul(node, matmul, bias_add, params: BatchNormParams, index: GraphIn
         if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, params.channels)):
             return Skip(f"bias '{bias_name}' of shape {bias.shape} does not broadcast to (M, {params.channels})")
     scale, shift = params.affine()
-    weight64, bias64 = fold_affine_general(weight, bias, scale, shift, axis=layout.out_axis)
-    folded = cast_and_name(index, weight64, bias64, elem_type, weight_name=weight_name, bias_name=bias_name,
-                           hint=matmul.name or node.output[0])
+    new_weight = scale_and_cast(weight, scale, axis=layout.out_axis, dtype=np_dtype(elem_type),
+                                scratch=index.ctx.workspace, defer=True)
+    folded = cast_and_name(index, new_weight, fold_bias_general(bias, scale, shift), elem_type,
+                           weight_name=weight_name, bias_name=bias_name, hint=matmul.name or node.output[0])
     if isinstance(folded, Skip):
         return folded
     gemm = LINEAR_OPS["MatMul"].rebuild(matmul, data=data_name, weight=folded.weight, bias=folded.bias,

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnfold.io.mapped import external_array, spill
+
 __all__ = ["RAW_DTYPES", "np_dtype", "elem_type_of", "tensor_to_array", "array_to_tensor"]
 
 #: Element types whose ``raw_data`` is the little-endian bytes of this NumPy dtype (ONNX IR spec).
@@ -51,8 +53,22 @@ def elem_type_of(dtype: np.dtype) -> int:
 
 
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's values; a read-only view of ``raw_data`` for the common numeric types."""
+    """The tensor's values; a read-only view of ``raw_data`` for the common numeric types.
+
+    External data of a model opened with `bnfold.io.mapped.open_model` is a read-only view of
+    the memory-mapped file: nothing is read until the values are used.
+    """
     dtype = RAW_DTYPES.get(tensor.data_type)
+    if tensor.data_location == TensorProto.EXTERNAL:
+        if dtype is not None and _LITTLE_ENDIAN:
+            return external_array(tensor, dtype)
+        # Other element types: their bytes, decoded as if they had been loaded.
+        loaded = TensorProto()
+        loaded.CopyFrom(tensor)
+        loaded.ClearField("data_location")
+        del loaded.external_data[:]
+        loaded.raw_data = external_array(tensor, np.dtype(np.uint8)).tobytes()
+        return numpy_helper.to_array(loaded)
     if dtype is not None and tensor.HasField("raw_data") and _LITTLE_ENDIAN:
         return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
     return numpy_helper.to_array(tensor)
@@ -74,7 +90,10 @@ def array_to_tensor(
         tensor.name = name
         tensor.data_type = elem_type
         tensor.dims.extend(array.shape)
-        tensor.raw_data = np.ascontiguousarray(array, dtype=RAW_DTYPES[elem_type]).tobytes()
+        values = np.ascontiguousarray(array, dtype=RAW_DTYPES[elem_type])
+        # A large initializer of a model opened from disk goes to a scratch file, not memory.
+        if into is None or not spill(tensor, values):
+            tensor.raw_data = values.tobytes()
     else:
         tensor.CopyFrom(numpy_helper.from_array(array, name))
     return tensor

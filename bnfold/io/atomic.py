@@ -10,7 +10,7 @@ import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bnfold.errors import BnfoldError
@@ -29,7 +29,7 @@ def _default_mode(existing: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, final_name: Callable[[], str] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds.
 
     Write the complete content to the yielded path inside the ``with`` block. On success it is
@@ -37,6 +37,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     link at `path` is replaced, never followed). On any exception, including
     ``KeyboardInterrupt``, the temporary file is removed and `path` keeps its previous content.
     The new file gets the previous file's permissions, or ``0o666 & ~umask`` like a new file.
+
+    ``final_name``: called after the block, it names the file to create in `path`'s folder
+    instead of `path` (for a name that depends on what was written, e.g. a content hash).
 
     Raises
     ------
@@ -53,6 +56,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.close(fd)
         yield tmp_path
+        if final_name is not None:
+            path = path.with_name(final_name())
         _fsync(tmp_path)
         os.chmod(tmp_path, _default_mode(path))
         os.replace(tmp_path, path)

@@ -21,7 +21,7 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.io.files import all_tensors, one_line, resolved
 
-__all__ = ["load_external_data", "external_files_of"]
+__all__ = ["load_external_data", "map_external_data", "external_files_of"]
 
 # Resolved model path -> (its size and modification time when loaded, the resolved external data
 # files it was loaded from; empty for none), for check_output_path and convert's size accounting.
@@ -33,14 +33,9 @@ def _stamp(path: Path) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
-def load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Read every external tensor of `model` (loaded from `path`) into memory, in place.
-
-    Applies rules 1-3 of the module docstring; afterwards no tensor refers to a file, and the
-    files read are recorded so that `check_output_path` can refuse to write over them.
-    """
-    base = path.resolve().parent
-    sources: set[Path] = set()
+def _external_entries(model: onnx.ModelProto, path: Path, base: Path):
+    """``(tensor, location, target, offset, length)`` of every external tensor, rules 1 and 3
+    checked (the file's size is checked where it is opened); ``length`` None: to the end."""
     for tensor in all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -62,11 +57,70 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
                 f"{path}: tensor '{tensor.name}' external data length {length} does not match its"
                 f" shape {list(tensor.dims)} ({expected} bytes)"
             )
+        yield tensor, location, target, offset, length
+
+
+def load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read every external tensor of `model` (loaded from `path`) into memory, in place.
+
+    Applies rules 1-3 of the module docstring; afterwards no tensor refers to a file, and the
+    files read are recorded so that `check_output_path` can refuse to write over them.
+    """
+    base = path.resolve().parent
+    sources: set[Path] = set()
+    for tensor, location, target, offset, length in _external_entries(model, path, base):
         tensor.raw_data = _read_external(path, base, target, location, tensor.name, offset, length)
         tensor.ClearField("data_location")
         del tensor.external_data[:]
         sources.add(target)
     _EXTERNAL_SOURCES[path.resolve()] = (_stamp(path), frozenset(sources))
+
+
+def map_external_data(model: onnx.ModelProto, path: Path) -> dict[str, tuple[int, int]]:
+    """Check every external tensor of `model` like `load_external_data`, read nothing.
+
+    Each data file is opened once (rule 2, no link followed) and its size checked against every
+    tensor's offset and length (rule 3). Returns ``{location: (open descriptor, file size)}``;
+    the caller closes the descriptors (`bnfold.io.mapped` maps them).
+    """
+    base = path.resolve().parent
+    opened: dict[str, tuple[int, int]] = {}
+    sources: set[Path] = set()
+    try:
+        for tensor, location, target, offset, length in _external_entries(model, path, base):
+            where = f"{path}: tensor '{tensor.name}' external data file '{location}'"
+            if location not in opened:
+                opened[location] = _open_regular(base, target, where)
+            size = opened[location][1]
+            _check_span(where, offset, length, size)
+            sources.add(target)
+    except BaseException:
+        for fd, _ in opened.values():
+            os.close(fd)
+        raise
+    _EXTERNAL_SOURCES[path.resolve()] = (_stamp(path), frozenset(sources))
+    return opened
+
+
+def _open_regular(base: Path, target: Path, where: str) -> tuple[int, int]:
+    try:
+        fd = _open_inside(base, target)
+    except OSError as exc:
+        raise BnfoldError(f"{where} cannot be opened ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise BnfoldError(f"{where} is not a regular file")
+    return fd, info.st_size
+
+
+def _check_span(where: str, offset: int, length: int | None, size: int) -> int:
+    available = size - offset
+    if length is None:
+        length = max(available, 0)
+    if offset > size or length > available:
+        raise BnfoldError(f"{where} is too short: needs {length} bytes at offset {offset}, file has {size}")
+    return length
 
 
 def _check_external_location(path: Path, base: Path, tensor_name: str, location: str) -> Path:
@@ -132,21 +186,9 @@ def _open_inside(base: Path, target: Path) -> int:
 def _read_external(path: Path, base: Path, target: Path, location: str, name: str, offset: int,
                    length: int | None) -> bytes:
     where = f"{path}: tensor '{name}' external data file '{location}'"
-    try:
-        fd = _open_inside(base, target)
-    except OSError as exc:
-        raise BnfoldError(f"{where} cannot be opened ({exc.strerror or exc})") from None
+    fd, size = _open_regular(base, target, where)
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise BnfoldError(f"{where} is not a regular file")
-        available = info.st_size - offset
-        if length is None:
-            length = max(available, 0)
-        if offset > info.st_size or length > available:
-            raise BnfoldError(
-                f"{where} is too short: needs {length} bytes at offset {offset}, file has {info.st_size}"
-            )
+        length = _check_span(where, offset, length, size)
         handle.seek(offset)
         data = handle.read(length)
     if len(data) != length:

@@ -18,7 +18,10 @@ from bnfold.errors import BnfoldError
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["PROTOBUF_LIMIT", "serialized_size", "one_line", "check_input_file", "read_bytes", "resolved", "same_file", "all_tensors"]
+__all__ = [
+    "PROTOBUF_LIMIT", "serialized_size", "one_line", "check_input_file", "read_bytes", "resolved", "same_file",
+    "all_tensors", "pwrite_all", "pread_into",
+]
 
 # Protobuf refuses to parse or serialize a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -86,3 +89,29 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     from onnx.external_data_helper import _get_all_tensors
 
     yield from _get_all_tensors(model)
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (``os.pwrite``, or seek + write where the
+    platform has no ``pwrite``)."""
+    while data:
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, data, offset)
+        else:  # Windows
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, data)
+        data, offset = data[written:], offset + written
+
+
+def pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    """Read up to ``len(buffer)`` bytes at ``offset`` of ``fd`` into ``buffer``; return the count."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], offset)
+    if hasattr(os, "pread"):  # macOS
+        data = os.pread(fd, len(buffer), offset)
+    else:  # Windows
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, len(buffer))
+    buffer[: len(data)] = data
+    return len(data)
+

@@ -19,11 +19,11 @@ from pathlib import Path
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.io.external import load_external_data
+from bnfold.io.external import load_external_data, map_external_data
 from bnfold.io.foreign import foreign_format_hint
 from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, check_input_file, one_line, read_bytes, serialized_size
 
-__all__ = ["load_model", "check_model"]
+__all__ = ["load_model", "load_model_mapped", "check_model"]
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
@@ -46,7 +46,20 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     BnfoldError
         If the file is missing, not a model, too new, unsafe, or fails the checker.
     """
-    path = Path(path)
+    return _load(Path(path), check=check, mapped=False)[0]
+
+
+def load_model_mapped(path: str | os.PathLike, *,
+                      check: bool = True) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
+    """`load_model` that leaves external tensors on disk: the same checks, no tensor data read.
+
+    Returns the model (its external tensors still refer to their files) and the open data files,
+    ``{location: (descriptor, size)}`` (see `bnfold.io.mapped.open_model`, which owns them).
+    """
+    return _load(Path(path), check=check, mapped=True)
+
+
+def _load(path: Path, *, check: bool, mapped: bool) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
     try:
         model, raw = _parse(path)
     except BnfoldError:
@@ -56,13 +69,22 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise BnfoldError(hint) from None
     _check_versions(model, path)
     external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(model))
-    load_external_data(model, path)
-    if check:
-        _check_names(model, path)
-        # Without external data the file's bytes are the model: the checker parses them itself,
-        # which spares serializing the whole model again (that costs more than the check).
-        _run_checker(model if external else raw, path)
-    return model
+    sources = map_external_data(model, path) if mapped else {}
+    if not mapped:
+        load_external_data(model, path)
+    try:
+        if check:
+            _check_names(model, path)
+            # Without external data the file's bytes are the model: the checker parses them itself,
+            # which spares serializing the whole model again (that costs more than the check).
+            # Data left on disk is checked by the checker from the file (it resolves locations
+            # against the model's folder, after bnfold.io.external validated them).
+            _run_checker(raw if not external else (path if mapped else model), path)
+    except BaseException:
+        for fd, _ in sources.values():
+            os.close(fd)
+        raise
+    return model, sources
 
 
 def _parse(path: Path) -> tuple[onnx.ModelProto, bytes]:
@@ -167,10 +189,12 @@ def check_model(model: onnx.ModelProto, source: str | os.PathLike = "<model>") -
     _run_checker(model, source)
 
 
-def _run_checker(model: onnx.ModelProto | bytes, source: str | os.PathLike) -> None:
-    """``onnx.checker.check_model`` on a model, or on the serialized bytes of one."""
+def _run_checker(model: onnx.ModelProto | bytes | Path, source: str | os.PathLike) -> None:
+    """``onnx.checker.check_model`` on a model, the serialized bytes of one, or a file."""
     try:
-        if isinstance(model, onnx.ModelProto) and serialized_size(model) > PROTOBUF_LIMIT:
+        if isinstance(model, Path):
+            onnx.checker.check_model(os.fspath(model))
+        elif isinstance(model, onnx.ModelProto) and serialized_size(model) > PROTOBUF_LIMIT:
             onnx.checker.check_model(os.fspath(source))
         else:
             onnx.checker.check_model(model)

@@ -17,7 +17,10 @@ import json
 import logging
 import mmap
 import os
-from collections.abc import Collection
+import tempfile
+from collections.abc import Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,11 @@ import onnx
 from google.protobuf.message import EncodeError
 
 from bnfold.errors import BnfoldError
-from bnfold.io.atomic import atomic_path
+from bnfold.io.atomic import _default_mode, _fsync, _fsync_dir, atomic_path
 from bnfold.io.external import external_files_of
-from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, resolved, same_file
+from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, pread_into, pwrite_all, resolved, same_file
 
-__all__ = ["check_output_path", "save_model", "write_json"]
+__all__ = ["check_output_path", "save_model", "stage_model", "StagedModel", "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
 
 def _save_in_one_file(model: onnx.ModelProto, path: Path, external_data: bool | None) -> None:
+    model = _inlined(model)
     # Serialize first and look at the size afterwards: asking protobuf for the size costs as much
     # as serializing, and most models are far below the limit.
     try:
@@ -126,12 +130,27 @@ def _save_in_one_file(model: onnx.ModelProto, path: Path, external_data: bool | 
         tmp.write_bytes(data)
 
 
-def _goes_external(tensor: onnx.TensorProto) -> bool:
-    return (
-        tensor.data_location != onnx.TensorProto.EXTERNAL
-        and tensor.data_type != onnx.TensorProto.STRING
-        and tensor.ByteSize() >= _EXTERNAL_MIN_BYTES
-    )
+def _goes_external(tensor: onnx.TensorProto, store=None) -> bool:
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return False
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor.ByteSize() >= _EXTERNAL_MIN_BYTES
+    span = None if store is None else store.span(tensor)
+    return span is not None and _loaded_size(tensor, span[2]) >= _EXTERNAL_MIN_BYTES
+
+
+def _loaded_size(tensor: onnx.TensorProto, length: int) -> int:
+    """``ByteSize()`` the tensor would have with its ``length`` bytes in ``raw_data`` (the rule
+    for in-memory tensors, so that a mapped model is written like a loaded one)."""
+    bare = onnx.TensorProto()
+    bare.CopyFrom(tensor)
+    bare.ClearField("data_location")
+    del bare.external_data[:]
+    return bare.ByteSize() + 1 + _varint_size(length) + length  # raw_data: tag, length, bytes
+
+
+def _varint_size(value: int) -> int:
+    return max(1, -(-value.bit_length() // 7))
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
@@ -139,59 +158,234 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     return tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
 
 
+# Bytes moved per read / write when copying external data between files.
+_COPY_BYTES = 8 * 1024**2
+# Chunks at least this large are hashed in a second thread while being written.
+_OVERLAP_MIN = 1024**2
+
+
+class _DataWriter:
+    """Writes tensors at 64-byte aligned offsets of an open file, hashing their bytes in order."""
+
+    def __init__(self, fd: int, store) -> None:
+        self.fd, self.store = fd, store
+        self.digest = hashlib.sha256()
+        self.offset = 0
+        self._buffer: bytearray | None = None
+        self._hasher: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown()
+
+    def _emit(self, data: memoryview, at: int) -> None:
+        """Hash and write ``data``: a large chunk is hashed in a second thread while it is
+        written (both release the GIL), the hash still fed in file order."""
+        if len(data) < _OVERLAP_MIN:
+            self.digest.update(data)
+            self._write(data, at)
+            return
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1)
+        hashed = self._hasher.submit(self.digest.update, data)
+        try:
+            self._write(data, at)
+        finally:
+            hashed.result()
+
+    def add(self, tensor: onnx.TensorProto) -> tuple[int, int]:
+        # ONNX ExternalData.md allows aligned offsets; 64 bytes keeps every dtype aligned.
+        start = -(-self.offset // 64) * 64
+        span = None if self.store is None else self.store.span(tensor)
+        if span is None:
+            raw = _raw_bytes(tensor)
+            self._emit(memoryview(raw), start)
+            length = len(raw)
+        else:
+            length = self._copy(span, start)
+        self.offset = start + length
+        return start, length
+
+    def _write(self, data: memoryview, at: int) -> None:
+        pwrite_all(self.fd, data, at)
+
+    def _copy(self, span, start: int) -> int:
+        """Copy a byte range of a data file in large chunks, never through protobuf."""
+        source, offset, length = span
+        if source.deferred is not None:  # a folded weight computed now, block by block
+            done = 0
+            for block in source.blocks():
+                self._emit(block, start + done)
+                done += len(block)
+            if done != length:
+                raise AssertionError(f"deferred tensor gave {done} bytes, not {length}")
+            return length
+        if self._buffer is None:
+            self._buffer = bytearray(_COPY_BYTES)
+        view = memoryview(self._buffer)
+        done = 0
+        while done < length:
+            count = pread_into(source.fd, view[: min(_COPY_BYTES, length - done)], offset + done)
+            if count <= 0:
+                raise OSError(f"data file ended {length - done} bytes early")
+            self._emit(view[:count], start + done)
+            done += count
+        return length
+
+
 def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     """Write the large tensors to ``<name>.<hash>.data``, then the model referring to it.
 
     The data file is complete and in place before the model is replaced, and its name depends
     on its content: the previous model keeps reading its own data file until the moment it is
-    replaced; that file is removed only afterwards. Memory: one copy of the model without its
-    large tensors' data, plus one tensor at a time.
+    replaced; that file is removed only afterwards. Tensors still on disk (a model opened with
+    `bnfold.io.mapped.open_model`) are copied file to file in 8 MiB chunks. Memory: one copy of
+    the model without its large tensors' data, plus one tensor (or chunk) at a time.
     """
-    for tensor in all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise BnfoldError(f"{path}: tensor '{tensor.name}' still refers to external data; load it first")
-    originals = [tensor for tensor in all_tensors(model) if _goes_external(tensor)]
-    if not originals:
-        save_model(model, path, external_data=False)
-        return
-    digest = hashlib.sha256()
-    spans = []
-    offset = 0
-    for tensor in originals:
-        raw = _raw_bytes(tensor)
-        digest.update(raw)
-        # ONNX ExternalData.md allows aligned offsets; 64 bytes keeps every dtype aligned.
-        offset = -(-offset // 64) * 64
-        spans.append((offset, len(raw)))
-        offset += len(raw)
-    data_name = f"{path.name}.{digest.hexdigest()[:16]}.data"
-    data_path = path.with_name(data_name)
-    previous = _sidecars_of(path)
-    with atomic_path(data_path) as tmp, open(tmp, "wb") as handle:
-        for tensor, (start, _) in zip(originals, spans):
-            handle.seek(start)
-            handle.write(_raw_bytes(tensor))
+    with stage_model(model, path) as staged:
+        staged.commit()
 
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    lights = [tensor for tensor in all_tensors(light) if _goes_external(tensor)]
-    for tensor, (start, length) in zip(lights, spans):
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(field)
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        for key, value in (("location", data_name), ("offset", str(start)), ("length", str(length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+
+@dataclass
+class StagedModel:
+    """A model written beside its destination, not yet in place (see `stage_model`).
+
+    Attributes
+    ----------
+    tmp : pathlib.Path
+        The complete model under a temporary name, beside ``path``; its data file is already in
+        place under its final (content-hashed) name, so onnxruntime can load ``tmp``.
+    path : pathlib.Path
+        The destination.
+    """
+
+    tmp: Path
+    path: Path
+    data_path: Path | None
+    previous: set[Path]
+    committed: bool = False
+
+    def commit(self) -> None:
+        """Move the model onto ``path`` (atomically, durably) and remove replaced data files."""
+        try:
+            _fsync(self.tmp)
+            os.chmod(self.tmp, _default_mode(self.path))
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise BnfoldError(f"{self.path}: could not be written ({exc.strerror or exc})") from None
+        self.committed = True
+        _fsync_dir(resolved(self.path).parent)
+        _remove_unreferenced(self.previous - {self.data_path}, self.path)
+
+    def abort(self) -> None:
+        """Remove what was staged; ``path`` and its data files stay as they were."""
+        if self.committed:
+            return
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+        if self.data_path is not None and self.data_path not in self.previous:
+            with contextlib.suppress(OSError):
+                self.data_path.unlink()
+
+
+@contextlib.contextmanager
+def stage_model(model: onnx.ModelProto, path: str | os.PathLike) -> Iterator[StagedModel]:
+    """Write ``model`` with external data beside ``path`` without replacing it yet.
+
+    Inside the block the model is complete at ``staged.tmp`` (e.g. for onnxruntime to verify);
+    ``staged.commit()`` puts it in place. Leaving the block without committing (or on any
+    error) removes everything staged.
+    """
+    from bnfold.io.mapped import active
+
+    path = Path(path)
+    store = active()
+    for tensor in all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and (store is None or store.span(tensor) is None):
+            raise BnfoldError(f"{path}: tensor '{tensor.name}' still refers to external data; load it first")
+    originals = [tensor for tensor in all_tensors(model) if _goes_external(tensor, store)]
+    previous = _sidecars_of(path) if originals else set()
+    data_path = None
+    spans: list[tuple[int, int]] = []
+    if originals:
+        with atomic_path(path, final_name=lambda: f"{path.name}.{writer.digest.hexdigest()[:16]}.data") as tmp:
+            fd = os.open(tmp, os.O_WRONLY)
+            writer = _DataWriter(fd, store)
+            try:
+                spans = [writer.add(tensor) for tensor in originals]
+            finally:
+                writer.close()
+                os.close(fd)
+        data_path = path.with_name(f"{path.name}.{writer.digest.hexdigest()[:16]}.data")
+    staged = None
     try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(light.SerializeToString())
-    except BaseException:
-        if data_path not in previous:
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
+        lights = [tensor for tensor in all_tensors(light) if _goes_external(tensor, store)]
+        for tensor, (start, length) in zip(lights, spans):
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(field)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(start)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        _inline_mapped(light, store)  # the small tensors still on disk: into the model, as if loaded
+        data = light.SerializeToString()
+        del light
+        parent = resolved(path).parent
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        except OSError as exc:
+            raise BnfoldError(f"{path}: cannot write in {parent} ({exc.strerror or exc})") from None
+        os.close(fd)
+        staged = StagedModel(tmp=Path(name), path=path, data_path=data_path, previous=previous)
+        staged.tmp.write_bytes(data)
+        del data
+        yield staged
+    except OSError as exc:
+        raise BnfoldError(f"{path}: could not be written ({exc.strerror or exc})") from None
+    finally:
+        if staged is not None:
+            staged.abort()
+        elif data_path is not None and data_path not in previous:
             with contextlib.suppress(OSError):
                 data_path.unlink()
-        raise
-    _remove_unreferenced(previous - {data_path}, path)
+
+
+def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose tensors still on disk (an open model) hold their bytes."""
+    from bnfold.io.mapped import active
+
+    store = active()
+    if store is None or not any(store.span(tensor) is not None for tensor in all_tensors(model)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _inline_mapped(copy, store)
+    return copy
+
+
+def _inline_mapped(model: onnx.ModelProto, store) -> None:
+    """Read the external tensors of the open model ``store`` into ``model``, in place."""
+    if store is None:
+        return
+    for tensor in all_tensors(model):
+        span = store.span(tensor)
+        if span is None:
+            continue
+        source, offset, length = span
+        if source.deferred is not None:
+            data = b"".join(bytes(block) for block in source.blocks())
+        else:
+            buffer = bytearray(length)
+            count = pread_into(source.fd, memoryview(buffer), offset) if length else 0
+            data = bytes(buffer[:count])
+        if len(data) != length:
+            raise BnfoldError(f"tensor '{tensor.name}': its data file changed while being read")
+        tensor.raw_data = data
+        tensor.ClearField("data_location")
+        del tensor.external_data[:]
 
 
 def _remove_unreferenced(data_files: set[Path], path: Path) -> None:

@@ -1,0 +1,310 @@
+"""External tensor data read lazily, through memory maps, and large new tensors spilled to disk.
+
+A model opened with `open_model` keeps its external tensors as references: nothing is read
+until a fold needs a tensor's values (`external_array`), and then only the pages touched. While
+the ``with`` block runs:
+
+1. `external_array` returns a read-only view of a memory-mapped data file; `release` drops the
+   pages of a view from this process (``MADV_DONTNEED``: the kernel's page cache keeps them,
+   the process's resident memory does not).
+2. `spill` writes a large new tensor (a folded weight) to a scratch file beside the output and
+   turns its ``TensorProto`` into an external reference to it, so that folded weights do not
+   stay in memory either.
+3. `bnfold.io.save_model` copies every referenced byte range to the new data file in large
+   chunks (never through protobuf), and `bnfold.runtime.session` hands onnxruntime files.
+
+Every location is validated when the model is opened (the rules of `bnfold.io.external`: inside
+the model's folder, no symbolic link out, regular file, offset and length within the file and
+matching the tensor's shape); the files are opened once, without following links.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import mmap
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.io.files import pread_into, pwrite_all
+
+__all__ = [
+    "SPILL_MIN_BYTES",
+    "MappedModel",
+    "active",
+    "covers",
+    "defer",
+    "defers",
+    "external_array",
+    "open_model",
+    "release",
+    "spill",
+]
+
+#: New tensors at least this large go to the scratch file while a model is open (smaller ones
+#: cost less in memory than a file round trip).
+SPILL_MIN_BYTES = 16 * 1024**2
+
+# Spilled tensors name their data with this prefix: never a valid file name in a model folder,
+# so a spilled tensor that escaped `save_model` fails loudly instead of reading a stranger's file.
+_SPILL_PREFIX = "<bnfold-scratch "
+_DEFERRED_PREFIX = "<bnfold-deferred "
+
+_ACTIVE: contextvars.ContextVar[MappedModel | None] = contextvars.ContextVar("bnfold_mapped_model", default=None)
+
+
+@dataclass
+class _Source:
+    """One open data file: its descriptor and a read-only map of the whole file."""
+
+    fd: int
+    size: int
+    map: mmap.mmap | None
+    address: int = 0
+    deferred: Any = None  # a bnfold.folding.chunked.Deferred: bytes computed when read
+
+    def blocks(self) -> Iterator[memoryview]:
+        """The bytes of a deferred tensor, block by block."""
+        return self.deferred.blocks()
+
+    def view(self, offset: int, length: int) -> memoryview:
+        if self.map is None:  # an empty file maps nothing; lengths were checked against it
+            return memoryview(b"")
+        return memoryview(self.map)[offset:offset + length]
+
+
+@dataclass
+class MappedModel:
+    """A model whose external tensors are read on demand (see the module docstring).
+
+    Attributes
+    ----------
+    model : onnx.ModelProto
+        The model; its external tensors keep their ``location`` / ``offset`` / ``length``.
+    path : pathlib.Path
+        The file it was loaded from.
+    scratch_dir : pathlib.Path or None
+        Where spilled tensors go (None: nowhere, new tensors stay in memory).
+    """
+
+    model: onnx.ModelProto
+    path: Path
+    scratch_dir: Path | None = None
+    _sources: dict[str, _Source] = field(default_factory=dict)
+    _files: dict[int, tuple[onnx.ModelProto, Path]] = field(default_factory=dict)
+    _scratch: tuple[str, Path, int] | None = None  # (location, path, fd)
+    _scratch_size: int = 0
+
+    # ---- reading ---------------------------------------------------------------------------
+    def span(self, tensor: onnx.TensorProto) -> tuple[_Source, int, int] | None:
+        """``(source, offset, length)`` of an external tensor this model can read, else None."""
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        source = self._sources.get(info.get("location", ""))
+        if source is None:
+            return None
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else source.size - offset
+        return source, offset, length
+
+    def file_for(self, model: onnx.ModelProto) -> Path | None:
+        """The file on disk that holds ``model`` (this very object) with its data, if any."""
+        if model is self.model:
+            return self.path
+        known = self._files.get(id(model))
+        return known[1] if known is not None and known[0] is model else None
+
+    def register_file(self, model: onnx.ModelProto, path: Path) -> None:
+        """Record that ``path`` holds ``model`` as it is now (e.g. a staged output)."""
+        self._files[id(model)] = (model, path)
+
+    # ---- spilling --------------------------------------------------------------------------
+    def spill(self, tensor: onnx.TensorProto, array: np.ndarray) -> bool:
+        """Write ``array``'s bytes to the scratch file and make ``tensor`` refer to them."""
+        if self.scratch_dir is None:
+            return False
+        if self._scratch is None:
+            fd, name = tempfile.mkstemp(prefix=".bnfold-scratch.", suffix=".tmp", dir=self.scratch_dir)
+            self._scratch = (f"{_SPILL_PREFIX}{secrets.token_hex(8)}>", Path(name), fd)
+            self._sources[self._scratch[0]] = _Source(fd=fd, size=0, map=None)
+        location, _, fd = self._scratch
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        offset = -(-self._scratch_size // 64) * 64
+        pwrite_all(fd, data, offset)
+        self._scratch_size = offset + len(data)
+        source = self._sources[location]
+        source.size = self._scratch_size
+        source.map = None  # remapped on the next read: the file grew
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return True
+
+    def defer(self, tensor: onnx.TensorProto, deferred: Any) -> None:
+        """Make ``tensor`` refer to a folded weight computed only when it is read or written."""
+        location = f"{_DEFERRED_PREFIX}{secrets.token_hex(8)}>"
+        self._sources[location] = _Source(fd=-1, size=deferred.nbytes, map=None, deferred=deferred)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", "0"), ("length", str(deferred.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+    def owns(self, array: np.ndarray) -> bool:
+        """Whether ``array``'s bytes lie in one of this model's memory-mapped files."""
+        start = array.__array_interface__["data"][0]
+        end = start + array.nbytes
+        return any(source.map is not None and source.address <= start and end <= source.address + source.size
+                   for source in self._sources.values())
+
+    def _mapped(self, source: _Source) -> _Source:
+        if source.map is None and source.size:
+            source.map = mmap.mmap(source.fd, source.size, access=mmap.ACCESS_READ)
+            source.address = np.frombuffer(source.map, dtype=np.uint8, count=1).__array_interface__["data"][0]
+        return source
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        for source in self._sources.values():
+            if source.map is not None:
+                with contextlib.suppress(BufferError):  # a view still alive: freed with it
+                    source.map.close()
+            if source.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(source.fd)
+        self._sources.clear()
+        self._files.clear()
+        if self._scratch is not None:
+            with contextlib.suppress(OSError):
+                self._scratch[1].unlink()
+            self._scratch = None
+
+
+def active() -> MappedModel | None:
+    """The model opened by the innermost `open_model` block, if any."""
+    return _ACTIVE.get()
+
+
+def covers(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is external data that the open model can read."""
+    store = _ACTIVE.get()
+    return store is not None and store.span(tensor) is not None
+
+
+def external_array(tensor: onnx.TensorProto, dtype: np.dtype) -> np.ndarray:
+    """A read-only view of an external tensor's values, memory-mapped (no byte read yet)."""
+    store = _ACTIVE.get()
+    span = None if store is None else store.span(tensor)
+    if span is None:
+        raise BnfoldError(f"tensor '{tensor.name}' is stored as external data that was not loaded")
+    source, offset, length = span
+    if source.deferred is not None:  # a folded weight read again by a later fold: compute it now
+        values = source.deferred.materialize()
+        values.flags.writeable = False
+        return values
+    count = length // dtype.itemsize
+    try:
+        view = store._mapped(source).view(offset, length)
+    except (OSError, ValueError):  # a file system that cannot map files: read the bytes instead
+        buffer = bytearray(length)
+        if pread_into(source.fd, memoryview(buffer), offset) != length:
+            raise BnfoldError(f"tensor '{tensor.name}': its data file changed while being read") from None
+        view = memoryview(bytes(buffer))
+    return np.frombuffer(view, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+
+
+def release(array: np.ndarray) -> None:
+    """Drop the memory-mapped pages under ``array`` from this process (a no-op for other arrays).
+
+    Whole pages strictly inside the array's bytes only: a neighbouring tensor's page stays.
+    """
+    store = _ACTIVE.get()
+    if store is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+        return
+    start = array.__array_interface__["data"][0]
+    end = start + array.nbytes
+    for source in store._sources.values():
+        if source.map is None:
+            continue
+        base = source.address
+        if base <= start and end <= base + source.size:
+            first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = ((end - base) // mmap.PAGESIZE) * mmap.PAGESIZE
+            if last > first:
+                source.map.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
+
+
+def defers(array: np.ndarray) -> bool:
+    """Whether a fold may leave its result computed from ``array`` to the writer (`Deferred`):
+    ``array`` is a large, C-contiguous view of the open model's files, and the model writes new
+    tensors to disk (it has a scratch folder)."""
+    store = _ACTIVE.get()
+    return (store is not None and store.scratch_dir is not None and array.nbytes >= SPILL_MIN_BYTES
+            and array.flags.c_contiguous and store.owns(array))
+
+
+def defer(tensor: onnx.TensorProto, deferred: Any) -> None:
+    """Make ``tensor`` refer to ``deferred`` (a `bnfold.folding.chunked.Deferred`) in the open model."""
+    store = _ACTIVE.get()
+    if store is None:
+        raise AssertionError("a deferred tensor outlived the model it reads")
+    store.defer(tensor, deferred)
+
+
+def spill(tensor: onnx.TensorProto, array: np.ndarray) -> bool:
+    """Move a new tensor's values to the scratch file if a model is open and ``array`` is large."""
+    store = _ACTIVE.get()
+    if store is None or array.nbytes < SPILL_MIN_BYTES:
+        return False
+    return store.spill(tensor, array)
+
+
+@contextlib.contextmanager
+def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None = None,
+               check: bool = True) -> Iterator[MappedModel]:
+    """Load the model at ``path`` with its external data mapped, not read (module docstring).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.onnx`` file; its external data files must sit inside its folder.
+    scratch_dir : path, optional
+        Folder for the scratch file of spilled tensors (on the output's disk); None spills nothing.
+    check : bool
+        As `bnfold.io.load_model`.
+
+    Yields
+    ------
+    MappedModel
+        Valid inside the block only: the files are closed and the scratch file removed after it.
+    """
+    from bnfold.io.models import load_model_mapped
+
+    path = Path(path)
+    model, sources = load_model_mapped(path, check=check)
+    # Spilling only helps a model whose data stays on disk; any other is written from memory.
+    spill_to = Path(scratch_dir) if scratch_dir is not None and sources else None
+    store = MappedModel(model=model, path=path, scratch_dir=spill_to)
+    token = _ACTIVE.set(store)
+    try:
+        for location, (fd, size) in sources.items():
+            store._sources[location] = _Source(fd=fd, size=size, map=None)
+        yield store
+    finally:
+        _ACTIVE.reset(token)
+        store.close()
