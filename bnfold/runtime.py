@@ -165,6 +165,12 @@ def session(model: onnx.ModelProto, label: str, threads: int = 1, *, path: Path 
     on_disk = path if path is not None else None if store is None else store.file_for(model)
     data = None
     try:
+        folder = None if on_disk is not None or store is None else store.folder_for(model)
+        if folder is not None:
+            # A model made from an open input (a submodel, a copy with more outputs) whose data
+            # is all still in the input's files: read there, no copy.
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         if on_disk is not None:
             # A file holds this model's data (the input, or a staged output): onnxruntime reads it
             # from there, once, no temporary copy. The model itself may have more outputs than the

@@ -559,6 +559,125 @@ def _memory_message(label: str, feeds: FeedPlan, need_inputs: int, max_bytes: in
     return describe
 
 
+#: Above this many bytes of weights in the two models together, verification keeps one
+#: onnxruntime session at a time (the reference's tensors are held while the candidate runs), when
+#: those tensors fit in half the memory budget: two sessions of a large model would need twice its
+#: size.
+ONE_SESSION_BYTES = 1024**3
+
+
+def _data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, from their shapes (external data is not read)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 1
+        total += math.prod(tensor.dims) * itemsize
+    return total
+
+
+@dataclass
+class _Plan:
+    """What the comparison needs, and what it produces (``stats``, ``output_parts``, the run plan)."""
+
+    feeds: FeedPlan
+    budget: float
+    describe: Callable[[float], str]
+    rtol: float | None
+    atol: float | None
+    shared: list[str]
+    layers: bool
+    threads: int
+    check_determinism: bool
+    stats: dict[str, TensorStats] = field(default_factory=dict)
+    output_parts: dict[str, list[OutputComparison]] = field(default_factory=dict)
+    chunks: list[tuple[int, int]] = field(default_factory=list)
+    plan: Any = None
+
+    def prepare(self, side: _Model) -> None:
+        side.open(self.layers, self.threads)
+        if self.check_determinism:
+            side.check_deterministic(self.feeds, self.budget, self.describe)
+        side.measure(self.feeds, self.budget, self.describe)
+
+    def start(self, names: list[str], per_row: Mapping[str, float]) -> None:
+        for name in self.shared:  # graph outputs that are graph inputs or non-tensors are compared as before
+            if name not in names:
+                names.append(name)
+        self.plan = plan_runs(names, per_row, rows=self.feeds.rows, splittable=self.feeds.splittable,
+                              budget=self.budget, describe=self.describe)
+        self.stats = {name: TensorStats(name, self.rtol, self.atol) for name in names}
+        self.output_parts = {name: [] for name in self.shared}
+        self.chunks = self.plan.chunks() if self.feeds.splittable else [(0, self.feeds.rows)]
+
+    def compare(self, group: list[str], ref_values: list, cand_values: list, rows: int) -> None:
+        for name, a, b in zip(group, ref_values, cand_values):
+            if name in self.output_parts:
+                self.output_parts[name].append(compare_arrays(name, a, b, rtol=self.rtol, atol=self.atol))
+            self.stats[name].add(a, b, rows, consume=True)
+
+
+def _compare_side_by_side(ref: _Model, cand: _Model, run: _Plan) -> list[str]:
+    """Both sessions open; each batch runs in both and is compared at once."""
+    run.prepare(ref)
+    run.prepare(cand)
+    compared = [name for name in ref.order if name in cand.per_row]
+    per_row = {name: max(ref.per_row.get(name, 0.0), cand.per_row.get(name, 0.0)) for name in compared}
+    run.start(compared, per_row)
+    # The comparison of one run's tensors overlaps onnxruntime's next run (both release the GIL).
+    # At most one comparison is pending, so that two runs' tensors are held at a time: the
+    # MEMORY_FACTOR of bnfold.layerwise counts them.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-compare") as pool:
+        pending = None
+        for start, stop in run.chunks:
+            chunk = run.feeds.chunk(start, stop)
+            for group in run.plan.groups:
+                ref_values = _run(ref.sess, group, chunk, ref.label)
+                cand_values = _run(cand.sess, group, chunk, cand.label)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(run.compare, group, ref_values, cand_values, stop - start)
+                del ref_values, cand_values
+        if pending is not None:
+            pending.result()
+    return compared
+
+
+def _compare_one_session_at_a_time(ref: _Model, cand: _Model, run: _Plan) -> list[str] | None:
+    """The reference runs first and its tensors are held; its session is closed before the
+    candidate's opens. None (nothing run) when those tensors would not fit in half the budget."""
+    wanted = set(computed_tensors(cand.model)) | {value.name for value in cand.model.graph.output}
+    run.prepare(ref)
+    names = [name for name in ref.order if name in wanted]
+    held_bytes = sum(ref.per_row.get(name, 0.0) for name in names) * run.feeds.rows
+    if held_bytes > run.budget / 2:
+        ref.sess = None
+        return None
+    run.start(names, ref.per_row)
+    held: dict[tuple[int, str], Any] = {}
+    for index, (start, stop) in enumerate(run.chunks):
+        chunk = run.feeds.chunk(start, stop)
+        for group in run.plan.groups:
+            for name, value in zip(group, _run(ref.sess, group, chunk, ref.label)):
+                held[index, name] = value
+    ref.sess = None  # released before the candidate's session is created
+    run.prepare(cand)
+    compared = [name for name in run.stats if name in cand.per_row or name in run.shared]
+    for name in list(run.stats):
+        if name not in compared:
+            del run.stats[name]
+    for index, (start, stop) in enumerate(run.chunks):
+        chunk = run.feeds.chunk(start, stop)
+        for group in run.plan.groups:
+            group = [name for name in group if name in run.stats]
+            if group:
+                cand_values = _run(cand.sess, group, chunk, cand.label)
+                run.compare(group, [held.pop((index, name)) for name in group], cand_values, stop - start)
+    return compared
+
+
 def verify(reference: ModelLike, candidate: ModelLike,
            inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None, *,
            rtol: float | None = None, atol: float | None = None, batch: int = 1, seed: int = 0,
@@ -629,48 +748,16 @@ def verify(reference: ModelLike, candidate: ModelLike,
     budget = max_bytes - held
     describe = _memory_message(ref_label, feeds, held, max_bytes)
 
-    sides = [_Model(ref_model, ref_label, ref_file), _Model(cand_model, cand_label, cand_file)]
-    for side in sides:
-        side.open(not outputs_only, threads)
-    for side in sides:
-        if check_determinism:
-            side.check_deterministic(feeds, budget, describe)
-        side.measure(feeds, budget, describe)
-    ref, cand = sides
-    compared = [name for name in ref.order if name in cand.per_row]
-    for name in shared:  # graph outputs that are graph inputs or non-tensors are compared as before
-        if name not in compared:
-            compared.append(name)
-    per_row = {name: max(ref.per_row.get(name, 0.0), cand.per_row.get(name, 0.0)) for name in compared}
-    plan = plan_runs(compared, per_row, rows=feeds.rows, splittable=feeds.splittable, budget=budget,
-                     describe=describe)
-
-    stats = {name: TensorStats(name, rtol, atol) for name in compared}
-    output_parts: dict[str, list[OutputComparison]] = {name: [] for name in shared}
-    chunks = plan.chunks() if feeds.splittable else [(0, feeds.rows)]
-
-    def compare(group: list[str], ref_values: list, cand_values: list, rows: int) -> None:
-        for name, a, b in zip(group, ref_values, cand_values):
-            if name in output_parts:
-                output_parts[name].append(compare_arrays(name, a, b, rtol=rtol, atol=atol))
-            stats[name].add(a, b, rows, consume=True)
-
-    # The comparison of one run's tensors overlaps onnxruntime's next run (both release the GIL).
-    # At most one comparison is pending, so that two runs' tensors are held at a time: the
-    # MEMORY_FACTOR of bnfold.layerwise counts them.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-compare") as pool:
-        pending = None
-        for start, stop in chunks:
-            chunk = feeds.chunk(start, stop)
-            for group in plan.groups:
-                ref_values = _run(ref.sess, group, chunk, ref_label)
-                cand_values = _run(cand.sess, group, chunk, cand_label)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(compare, group, ref_values, cand_values, stop - start)
-                del ref_values, cand_values
-        if pending is not None:
-            pending.result()
+    ref = _Model(ref_model, ref_label, ref_file)
+    cand = _Model(cand_model, cand_label, cand_file)
+    run_plan = _Plan(feeds, budget, describe, rtol, atol, shared, not outputs_only, threads, check_determinism)
+    if _data_bytes(ref_model) + _data_bytes(cand_model) > ONE_SESSION_BYTES:
+        compared = _compare_one_session_at_a_time(ref, cand, run_plan)
+    else:
+        compared = None
+    if compared is None:
+        compared = _compare_side_by_side(ref, cand, run_plan)
+    stats, output_parts, chunks, plan = run_plan.stats, run_plan.output_parts, run_plan.chunks, run_plan.plan
 
     ref_nodes, cand_nodes = producers(ref_model), producers(cand_model)
     layers = [stats[name].result(ref_nodes.get(name, "graph input"), cand_nodes.get(name, "graph input"),

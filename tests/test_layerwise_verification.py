@@ -361,3 +361,45 @@ def test_tensors_of_unknown_size_are_measured_before_planning(monkeypatch: pytes
     # Without the measurement the plan trusts the estimates: one batch of 64, over the limit.
     monkeypatch.setattr(verification._Model, "measure", lambda self, *args: None)
     assert verify(model, model, batch=64, max_bytes=36_000).batches == 1
+
+
+def test_large_models_run_one_session_at_a_time_with_the_same_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above `ONE_SESSION_BYTES` the reference runs first, its tensors held, its session closed
+    before the candidate's opens: the verdicts and errors are those of the side-by-side run."""
+    model, folded, wrong = tampered_pair()
+    side_by_side = {name: verify(model, other, batch=4) for name, other in (("folded", folded), ("wrong", wrong))}
+    opened: list[str] = []
+    real_session = bnfold.verification._session
+
+    def recording(m, label, *args, **kwargs):
+        opened.append(label)
+        return real_session(m, label, *args, **kwargs)
+
+    monkeypatch.setattr(bnfold.verification, "ONE_SESSION_BYTES", 0)
+    monkeypatch.setattr(bnfold.verification, "_session", recording)
+    for name, other in (("folded", folded), ("wrong", wrong)):
+        one_at_a_time = verify(model, other, batch=4)
+        expected = side_by_side[name]
+        assert one_at_a_time.ok == expected.ok
+        assert [(t.name, t.max_abs, t.ok) for t in one_at_a_time.layers] == [
+            (t.name, t.max_abs, t.ok) for t in expected.layers]
+    assert opened == ["reference model", "candidate model"] * 2
+    wrong_report = verify(model, wrong, batch=4)
+    assert wrong_report.first_failure.name == f"bn{MIDDLE}_out"
+
+
+def test_files_with_external_data_verify_layer_by_layer_from_another_folder(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data stays on disk: onnxruntime resolves it in each file's folder, not in the cwd."""
+    model, folded, wrong = tampered_pair()
+    paths = {}
+    for name, m in (("model", model), ("folded", folded), ("wrong", wrong)):
+        folder = tmp_path / name
+        folder.mkdir()
+        onnx.save_model(m, str(folder / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+                        size_threshold=0)
+        paths[name] = folder / "m.onnx"
+    monkeypatch.chdir(tmp_path)
+    assert verify(paths["model"], paths["folded"], batch=4).ok
+    failed = verify(paths["model"], paths["wrong"], batch=4)
+    assert not failed.ok and failed.first_failure.name == f"bn{MIDDLE}_out"

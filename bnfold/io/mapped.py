@@ -117,6 +117,19 @@ class MappedModel:
         length = int(info["length"]) if "length" in info else source.size - offset
         return source, offset, length
 
+    def folder_for(self, model: onnx.ModelProto) -> Path | None:
+        """The input's folder when every external tensor of ``model`` lies in the input's own data
+        files (not spilled, not deferred): onnxruntime can then read them there. None otherwise."""
+        from bnfold.io.files import all_tensors
+
+        for tensor in all_tensors(model):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+            if location.startswith((_SPILL_PREFIX, _DEFERRED_PREFIX)) or location not in self._sources:
+                return None
+        return self.path.resolve().parent
+
     def file_for(self, model: onnx.ModelProto) -> Path | None:
         """The file on disk that holds ``model`` (this very object) with its data, if any."""
         if model is self.model:
