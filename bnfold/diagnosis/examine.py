@@ -72,11 +72,12 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, data: Any = None, *, run
     if batch < 2:
         raise BnfoldError(f"batch must be at least 2 to compare samples, got {batch}")
     if not isinstance(model, onnx.ModelProto):
-        # External data stays on disk (memory-mapped): the dry-run fold reads what it needs,
-        # onnxruntime reads the rest from the files (`bnfold.io.mapped`).
+        # External data stays on disk (memory-mapped): the dry-run fold reads what it needs and
+        # leaves its folded weights uncomputed (examined block by block, never written),
+        # onnxruntime reads the data from the files (`bnfold.io.mapped`).
         from bnfold.io.mapped import open_model
 
-        with open_model(model) as opened:
+        with open_model(model, examine_only=True) as opened:
             return inspect(opened.model, data, run=run, batch=batch, seed=seed, threads=threads,
                            batch_size=batch_size, label=label or str(model))
     model, label = _load(model, label)

@@ -30,12 +30,12 @@ Rules (cited in the code as "rule N"):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
-
 from bnfold.diagnosis.report import BNDiagnosis
 from bnfold.errors import BnfoldError
 from bnfold.folding.algebra import bn_affine
@@ -265,12 +265,42 @@ def _huge_scale(diagnosis: BNDiagnosis, scale: np.ndarray, var: np.ndarray | Non
                   f" {channel}{where}, >= {HUGE_SCALE:g} in {count} channel(s): folding multiplies the weights by it")
 
 
+@dataclass
+class _Magnitudes:
+    """What rule 6 needs of a tensor's absolute values, gathered block by block (`add`), so that a
+    large folded weight is never whole in memory, nor in float64."""
+
+    size: int = 0
+    peak: float = 0.0
+    subnormal: int = 0
+    smallest: float = math.inf
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> _Magnitudes:
+        found = cls()
+        found.add(values)
+        return found
+
+    def add(self, values: np.ndarray) -> None:
+        magnitude = np.abs(np.asarray(values, dtype=np.float64))
+        if not magnitude.size:
+            return
+        self.size += magnitude.size
+        peak = float(magnitude.max())
+        # NaN anywhere makes the peak NaN, as NumPy's max over the whole array would.
+        self.peak = peak if math.isnan(peak) else max(self.peak, peak)
+        subnormal = magnitude[(magnitude > 0) & (magnitude < FLOAT16_TINY)]
+        if subnormal.size:
+            self.subnormal += subnormal.size
+            self.smallest = min(self.smallest, float(subnormal.min()))
+
+
 def _folded_values(entry: FoldEntry, params: BatchNormParams, index: GraphIndex,
-                   folded: dict[str, onnx.TensorProto]) -> dict[str, np.ndarray]:
+                   folded: dict[str, onnx.TensorProto]) -> dict[str, _Magnitudes]:
     """The dry run's folded weight and bias of ``entry`` (found through its tensor map). A weight
     element that was already below float16's normal range before folding (or 0) is not the fold's
     doing and is left out."""
-    values: dict[str, np.ndarray] = {}
+    values: dict[str, _Magnitudes] = {}
     # The tensor map lists every new tensor computed from each original: beta reaches only the new
     # bias; gamma reaches the new weight and the new bias.
     from_beta = entry.tensor_map.get(params.names.get("bias", ""), [])
@@ -279,34 +309,60 @@ def _folded_values(entry: FoldEntry, params: BatchNormParams, index: GraphIndex,
         new = news[0] if len(news) == 1 else None
         if new is None or new not in folded:
             continue
-        array = numpy_helper.to_array(folded[new]).astype(np.float64)
+        shape = tuple(folded[new].dims)
         originals = [index.constant(old) for old, targets in entry.tensor_map.items()
                      if new in targets and old not in params.names.values()]
-        same = [np.asarray(o, dtype=np.float64) for o in originals if o is not None and np.shape(o) == array.shape]
-        if same:
-            array = np.where(np.abs(same[0]) < FLOAT16_TINY, 0.0, array)
-        values[f"{what} '{new}'"] = array
+        same = next((o for o in originals if o is not None and np.shape(o) == shape), None)
+        values[f"{what} '{new}'"] = _folded_magnitudes(folded[new], same)
     return values
 
 
-def _float16(diagnosis: BNDiagnosis, values: dict[str, np.ndarray]) -> None:
+def _folded_magnitudes(tensor: onnx.TensorProto, original: np.ndarray | None) -> _Magnitudes:
+    """`_Magnitudes` of a folded tensor, block by block of rows, its elements whose ``original``
+    value is below float16's normal range set to 0. A folded weight the dry run left deferred (a
+    model whose data stays on disk, `bnfold.io.mapped.defers`) is computed here, block by block,
+    by the fold's own arithmetic (`bnfold.folding.chunked.Deferred.arrays`)."""
+    from bnfold.folding.chunked import block_rows
+    from bnfold.folding.tensors import tensor_to_array
+    from bnfold.io.mapped import deferred, release
+
+    found = _Magnitudes()
+    plan = deferred(tensor)
+    if plan is not None:
+        blocks = plan.arrays()
+    else:
+        array = tensor_to_array(tensor)
+        if array.ndim == 0:
+            array = array.reshape(1)
+            original = None if original is None else np.reshape(original, (1,))
+        rows = block_rows(array.shape)
+        blocks = ((start, array[start:start + rows]) for start in range(0, array.shape[0], rows))
+    for start, block in blocks:
+        block = np.asarray(block, dtype=np.float64)
+        if original is not None:
+            before = original[start:start + block.shape[0]]
+            block = np.where(np.abs(np.asarray(before, dtype=np.float64)) < FLOAT16_TINY, 0.0, block)
+            release(before)  # the input's pages under a memory-mapped weight, read once
+        found.add(block)
+    return found
+
+
+def _float16(diagnosis: BNDiagnosis, values: dict[str, np.ndarray | _Magnitudes]) -> None:
     """Rule 6. A few subnormal weights among many cost nothing measurable; a subnormal bias or
     shift is added to every output of its channel, and `SUBNORMAL_SHARE` of a weight's values
     means whole channels near zero: those are reported."""
     for what, array in values.items():
-        magnitude = np.abs(np.asarray(array, dtype=np.float64))
-        if not magnitude.size:
+        found = array if isinstance(array, _Magnitudes) else _Magnitudes.of(array)
+        if not found.size:
             continue
-        peak = float(magnitude.max())
-        if peak > FLOAT16_MAX:
-            diagnosis.add("float16", f"{what} reaches {peak:.3g}, which overflows float16 (max {FLOAT16_MAX:g})")
+        if found.peak > FLOAT16_MAX:
+            diagnosis.add("float16", f"{what} reaches {found.peak:.3g}, which overflows float16 (max {FLOAT16_MAX:g})")
             return
-        subnormal = (magnitude > 0) & (magnitude < FLOAT16_TINY)
-        count = int(subnormal.sum())
+        count = found.subnormal
         weight = what.startswith("folded weight")
-        if count and (not weight or count >= SUBNORMAL_SHARE * magnitude.size):
-            diagnosis.add("float16", f"{what}: {count} of {magnitude.size} value(s) subnormal in float16 (smallest"
-                          f" {float(magnitude[subnormal].min()):.3g} < {FLOAT16_TINY:.3g}): slow on CPUs")
+        if count and (not weight or count >= SUBNORMAL_SHARE * found.size):
+            diagnosis.add("float16", f"{what}: {count} of {found.size} value(s) subnormal in float16 (smallest"
+                          f" {found.smallest:.3g} < {FLOAT16_TINY:.3g}): slow on CPUs")
             return
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from bnfold.folding.algebra import _finfo
 from bnfold.folding.casting import flush_subnormals
 
-__all__ = ["BLOCK_BYTES", "Cast", "Deferred", "scale_and_cast"]
+__all__ = ["BLOCK_BYTES", "Cast", "Deferred", "block_rows", "scale_and_cast"]
 
 #: float64 bytes per block: large enough that the per-block overhead is invisible, small enough
 #: to be noise next to the weight itself.
@@ -34,6 +34,12 @@ class Cast:
 
     array: np.ndarray
     flushed: int
+
+
+def block_rows(shape: tuple[int, ...]) -> int:
+    """Rows (axis 0) of an array of ``shape`` per block: `BLOCK_BYTES` of float64, at least one."""
+    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)))
+    return max(1, BLOCK_BYTES // (8 * per_row))
 
 
 def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
@@ -66,15 +72,20 @@ class Deferred:
     def nbytes(self) -> int:
         return int(self.weight.size) * self.dtype.itemsize
 
+    def arrays(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start row, values)``: the folded weight, one block of rows (axis 0) at a time."""
+        for start, cast, *_ in _blocks(self.weight, self.scale, self.axis, self.dtype, self.alpha, None):
+            yield start, cast
+
     def blocks(self) -> Iterator[memoryview]:
         """The folded weight's bytes (C order), one block of rows at a time."""
-        for _, cast, *_ in _blocks(self.weight, self.scale, self.axis, self.dtype, self.alpha, None):
+        for _, cast in self.arrays():
             yield memoryview(np.ascontiguousarray(cast)).cast("B")
 
     def materialize(self) -> np.ndarray:
         """The whole folded weight in memory (for a later fold that reads it again)."""
         out = np.empty(self.shape, dtype=self.dtype)
-        for start, cast, *_ in _blocks(self.weight, self.scale, self.axis, self.dtype, self.alpha, None):
+        for start, cast in self.arrays():
             out[start:start + cast.shape[0]] = cast
         return out
 
@@ -133,8 +144,7 @@ def _blocks(weight, scale, axis, dtype, alpha, scratch):
     range of the block before the cast; subnormals of the cast block set to zero and counted)."""
     from bnfold.io.mapped import release
 
-    per_row = max(1, weight.size // weight.shape[0])
-    rows = max(1, BLOCK_BYTES // (8 * per_row))
+    rows = block_rows(weight.shape)
     block_shape = (min(rows, weight.shape[0]), *weight.shape[1:])
     buffer = np.empty(block_shape, dtype=np.float64) if scratch is None else scratch(block_shape)
     whole = _along(scale, axis, weight.ndim)

@@ -44,6 +44,7 @@ __all__ = [
     "covers",
     "defer",
     "defers",
+    "deferred",
     "external_array",
     "open_model",
     "release",
@@ -94,11 +95,15 @@ class MappedModel:
         The file it was loaded from.
     scratch_dir : pathlib.Path or None
         Where spilled tensors go (None: nowhere, new tensors stay in memory).
+    examine_only : bool
+        Folds of this model are examined, never written nor run (`bnfold.inspect`'s dry run):
+        folded weights are left deferred even with no scratch folder (`defers`).
     """
 
     model: onnx.ModelProto
     path: Path
     scratch_dir: Path | None = None
+    examine_only: bool = False
     _sources: dict[str, _Source] = field(default_factory=dict)
     _files: dict[int, tuple[onnx.ModelProto, Path]] = field(default_factory=dict)
     _scratch: tuple[str, Path, int] | None = None  # (location, path, fd)
@@ -265,10 +270,17 @@ def release(array: np.ndarray) -> None:
 def defers(array: np.ndarray) -> bool:
     """Whether a fold may leave its result computed from ``array`` to the writer (`Deferred`):
     ``array`` is a large, C-contiguous view of the open model's files, and the model writes new
-    tensors to disk (it has a scratch folder)."""
+    tensors to disk (it has a scratch folder) or its folds are only examined (``examine_only``)."""
     store = _ACTIVE.get()
-    return (store is not None and store.scratch_dir is not None and array.nbytes >= SPILL_MIN_BYTES
-            and array.flags.c_contiguous and store.owns(array))
+    return (store is not None and (store.scratch_dir is not None or store.examine_only)
+            and array.nbytes >= SPILL_MIN_BYTES and array.flags.c_contiguous and store.owns(array))
+
+
+def deferred(tensor: onnx.TensorProto) -> Any:
+    """The `bnfold.folding.chunked.Deferred` that ``tensor`` refers to in the open model, else None."""
+    store = _ACTIVE.get()
+    span = None if store is None else store.span(tensor)
+    return None if span is None else span[0].deferred
 
 
 def defer(tensor: onnx.TensorProto, deferred: Any) -> None:
@@ -289,7 +301,7 @@ def spill(tensor: onnx.TensorProto, array: np.ndarray) -> bool:
 
 @contextlib.contextmanager
 def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None = None,
-               check: bool = True) -> Iterator[MappedModel]:
+               check: bool = True, examine_only: bool = False) -> Iterator[MappedModel]:
     """Load the model at ``path`` with its external data mapped, not read (module docstring).
 
     Parameters
@@ -300,6 +312,8 @@ def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None
         Folder for the scratch file of spilled tensors (on the output's disk); None spills nothing.
     check : bool
         As `bnfold.io.load_model`.
+    examine_only : bool
+        Folds of the model are examined, never written (`MappedModel.examine_only`).
 
     Yields
     ------
@@ -312,7 +326,7 @@ def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None
     model, sources = load_model_mapped(path, check=check)
     # Spilling only helps a model whose data stays on disk; any other is written from memory.
     spill_to = Path(scratch_dir) if scratch_dir is not None and sources else None
-    store = MappedModel(model=model, path=path, scratch_dir=spill_to)
+    store = MappedModel(model=model, path=path, scratch_dir=spill_to, examine_only=examine_only)
     token = _ACTIVE.set(store)
     try:
         for location, (fd, size) in sources.items():
