@@ -17,8 +17,8 @@ from onnx import numpy_helper
 from bnfold.dataset import Dataset
 from bnfold.errors import BnfoldError
 from bnfold.moments import BatchAverage
-from bnfold.population import Progress, batchnorm_indices, model_of
-from bnfold.runtime import run, session
+from bnfold.population import Progress, batchnorm_indices, shard_session
+from bnfold.runtime import run
 from bnfold.statistics_graph import all_names
 
 __all__ = ["batch_statistics_model", "shard_batch_averages"]
@@ -118,7 +118,7 @@ def shard_batch_averages(model_bytes: bytes | onnx.ModelProto, shard: Dataset, n
                          threads: int = 1, progress: Progress | None = None) -> list[BatchAverage]:
     """Per BN, the sums of batch means and unbiased batch variances over ``shard`` (pure, like
     `bnfold.population.shard_moments`); ``names`` are (mean, var, shape) triples, flattened."""
-    sess = session(model_of(model_bytes), "model", threads)
+    sess = shard_session(model_bytes, threads)
     names = list(names)
     totals: list[BatchAverage | None] = [None] * (len(names) // 3)
     try:

@@ -20,17 +20,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
+from pathlib import Path
 
 import onnx
 
 from bnfold.dataset import ArraySpec, DataLike, Dataset, open_dataset
 from bnfold.errors import BnfoldError
+from bnfold.io.files import all_tensors
 from bnfold.moments import Moments, merge_all
 from bnfold.runtime import ModelLike, feed_inputs, load, run, session
 
 __all__ = [
     "bn_input_moments", "batchnorm_nodes", "batchnorm_indices", "subgraph_reads", "input_specs", "submodel", "shard_moments", "run_shards",
-    "Progress", "model_of",
+    "Progress", "model_of", "shard_session",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,8 +123,25 @@ def submodel(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
     return cut
 
 
-def model_of(model: bytes | onnx.ModelProto) -> onnx.ModelProto:
+#: What a shard's work gets as its model: the ModelProto (this process), its bytes, or its bytes
+#: and the folder holding its external data files (a model opened from disk: `_payload`).
+ModelPayload = bytes | onnx.ModelProto | tuple[bytes, str]
+
+
+def model_of(model: ModelPayload) -> onnx.ModelProto:
+    if isinstance(model, tuple):
+        model = model[0]
     return onnx.load_from_string(model) if isinstance(model, bytes) else model
+
+
+def shard_session(model: ModelPayload, threads: int = 1):
+    """The onnxruntime session of a shard's model (`bnfold.runtime.session`); a model sent with
+    its data folder reads its external data there, in place."""
+    if isinstance(model, tuple):
+        data, folder = model
+        # `session` takes the folder of a file holding the model's data; the file name is unused.
+        return session(onnx.load_from_string(data), "model", threads, path=Path(folder) / "model.onnx")
+    return session(model_of(model), "model", threads)
 
 
 def shard_moments(model_bytes: bytes | onnx.ModelProto, shard: Dataset, names: Sequence[str], batch_size: int,
@@ -132,7 +151,7 @@ def shard_moments(model_bytes: bytes | onnx.ModelProto, shard: Dataset, names: S
     Pure: everything it needs travels in its arguments (the model serialized, for other processes
     or machines; in this process the ModelProto itself), so it runs anywhere.
     """
-    sess = session(model_of(model_bytes), "model", threads)
+    sess = shard_session(model_bytes, threads)
     names = list(names)
     totals: list[Moments | None] = [None] * len(names)
     for feeds in shard.batches(batch_size):
@@ -159,6 +178,20 @@ def _serialize(model: onnx.ModelProto) -> bytes:
         raise BnfoldError("model is over protobuf's 2 GB limit: recalibration needs it in one piece") from None
 
 
+def _payload(model: onnx.ModelProto) -> ModelPayload:
+    """What `run_shards` sends each task: the model's bytes, and for a model made from an input
+    opened from disk (`bnfold.io.mapped.open_model`) whose external data all lies in the input's
+    files, the folder of those files too, so that workers read the data there instead of
+    receiving it (they must see the same files, as they see the data's)."""
+    from bnfold.io.mapped import active
+
+    store = active()
+    folder = None if store is None else store.folder_for(model)
+    if folder is not None and any(store.span(tensor) is not None for tensor in all_tensors(model)):
+        return _serialize(model), str(folder)
+    return _serialize(model)
+
+
 def run_shards(model: onnx.ModelProto, dataset: Dataset, names: Sequence[str], *, batch_size: int,
                executor: Executor | None = None, shards: int | None = None, threads: int = 1,
                progress: Progress | None = None, work: Callable = shard_moments) -> list:
@@ -171,7 +204,7 @@ def run_shards(model: onnx.ModelProto, dataset: Dataset, names: Sequence[str], *
     """
     if executor is None:
         return work(model, dataset, names, batch_size, threads, progress)
-    model_bytes = _serialize(model)
+    model_bytes = _payload(model)
     count = shards or max(1, 4 * int(getattr(executor, "_max_workers", 8) or 8))
     pieces = dataset.shards(count, batch_size)
     futures = [executor.submit(work, model_bytes, piece, list(names), batch_size, threads) for piece in pieces]

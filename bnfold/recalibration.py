@@ -255,11 +255,25 @@ def recalibrate(model: ModelLike, data: DataLike, *, method: str = "exact", batc
     BnfoldError
         No BN, a BN in training mode, bad data, a batch too small for ``batch``.
     """
+    _check_options(method, batch_size)
+    model, label = load(model, "model")
+    return _recalibrate(model, label, data, method=method, batch_size=batch_size, executor=executor, shards=shards,
+                        threads=threads, labels=labels, progress=progress)
+
+
+def _check_options(method: str, batch_size: int) -> None:
     if method not in METHODS:
         raise BnfoldError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
     if batch_size < 1:
         raise BnfoldError(f"batch size must be at least 1, got {batch_size}")
-    model, label = load(model, "model")
+
+
+def _recalibrate(model: onnx.ModelProto, label: str, data: DataLike, *, method: str, batch_size: int,
+                 executor: Executor | None, shards: int | None, threads: int, labels: str | None,
+                 progress: Callable[[int, int], None] | None) -> Recalibration:
+    """`recalibrate` of a loaded model (its external data in memory, or memory-mapped by
+    `bnfold.io.mapped.open_model`: every session then reads it in place)."""
+    _check_options(method, batch_size)
     nodes = [model.graph.node[index] for index in batchnorm_indices(model)]
     if not nodes:
         raise BnfoldError(f"{label}: no BatchNormalization node in the main graph: nothing to recalibrate"
@@ -299,7 +313,8 @@ def recalibrate_file(input_path: str | os.PathLike, output_path: str | os.PathLi
                      **options: Any) -> tuple[Recalibration, Any]:
     """`recalibrate` the model file IN and write OUT atomically (``bnfold recalibrate``).
 
-    IN is never modified. With ``fold=True`` the recalibrated model is folded and verified by
+    IN is never modified; its external data is memory-mapped, not loaded, and OUT has external
+    data when IN has (the returned model keeps IN's external data as references). With ``fold=True`` the recalibrated model is folded and verified by
     `bnfold.conversion.convert` (OUT is then written only if verification passes). ``options``
     are those of `recalibrate`. Returns the `Recalibration` and the `ConvertResult` (or None).
     """
@@ -317,19 +332,34 @@ def recalibrate_file(input_path: str | os.PathLike, output_path: str | os.PathLi
         if Path(json_path).resolve() in (out.resolve(), source.resolve()):
             raise BnfoldError(f"{json_path}: the JSON report path equals the input or the output model")
         check_output_path(json_path, overwrite=True, inputs=(source, *data_paths))
-    result = recalibrate(source, data, **options)
-    converted = None
-    if fold:
-        from bnfold.conversion import convert
+    from bnfold.io.files import all_tensors, resolved
+    from bnfold.io.mapped import open_model
 
-        with tempfile.TemporaryDirectory(prefix="bnfold-recalibrate-") as folder:
-            staged = Path(folder) / source.name
-            save_model(result.model, staged)
-            converted = convert(staged, out, force=force)
-        converted.data["input"] = f"{source} (recalibrated)"
-    else:
-        save_model(result.model, out)
+    settings = {**_DEFAULTS, **options}
+    _check_options(settings["method"], settings["batch_size"])
+    # External data stays on disk (memory-mapped): the statistics are read from it, every pass's
+    # submodel reads its weights in place (`bnfold.runtime.session`), and OUT's data is copied
+    # file to file; OUT has external data when IN has.
+    with open_model(source, scratch_dir=resolved(out).parent) as opened:
+        external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(opened.model))
+        result = _recalibrate(opened.model, str(source), data, **settings)
+        converted = None
+        if fold:
+            from bnfold.conversion import convert
+
+            # Staged beside OUT (its disk), not in the temporary folder: it may be as large as IN.
+            with tempfile.TemporaryDirectory(prefix=".bnfold-recalibrate-", dir=resolved(out).parent) as folder:
+                staged = Path(folder) / source.name
+                save_model(result.model, staged, external_data=external or None)
+                converted = convert(staged, out, force=force)
+            converted.data["input"] = f"{source} (recalibrated)"
+        else:
+            save_model(result.model, out, external_data=external or None)
     if json_path is not None:
         write_json(json_path, {"input": str(source), "output": str(out), **result.to_dict(),
                                "fold": converted.data if converted is not None else None})
     return result, converted
+
+
+_DEFAULTS: dict[str, Any] = {"method": "exact", "batch_size": 256, "executor": None, "shards": None, "threads": 1,
+                             "labels": None, "progress": None}

@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
+from bnfold.folding.tensors import tensor_to_array
 from bnfold.population import input_specs, subgraph_reads, submodel
 from bnfold.runtime import run, session
 
@@ -32,7 +33,9 @@ def stored_statistics(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -
     initializers = {init.name: init for init in model.graph.initializer}
     wanted = [name for node in nodes for name in node.input[3:5]]
     computed = [name for name in dict.fromkeys(wanted) if name not in initializers]
-    values = {name: numpy_helper.to_array(initializers[name]) for name in wanted if name in initializers}
+    # Copies: external data of a model opened from disk is read here (a few values per channel),
+    # and must outlive the open files.
+    values = {name: np.array(tensor_to_array(initializers[name])) for name in wanted if name in initializers}
     if computed:
         cut = submodel(model, computed)
         if input_specs(cut):
