@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
 from bnfold.diagnosis.report import BNDiagnosis
 from bnfold.errors import BnfoldError
 from bnfold.folding.algebra import bn_affine

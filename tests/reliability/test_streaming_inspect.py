@@ -103,7 +103,7 @@ def counted(monkeypatch) -> list[int]:
 
 
 def test_inspect_of_external_data_reports_what_the_in_memory_path_reports(on_disk, small_blocks, counted):
-    model, path = on_disk
+    _, path = on_disk
     streamed = inspect(path, label="m")
     in_memory = inspect(onnx.load(str(path)), label="m")  # onnx.load reads every tensor into memory
     assert streamed.to_dict() == in_memory.to_dict()
@@ -131,12 +131,12 @@ def test_inspect_float16_counts_match_a_float64_reference(on_disk, small_blocks,
             assert texts["bn0"] == [] and folded.max() < 65504 and subnormal < 0.01 * folded.size
         elif i == 1:
             assert subnormal > 0.01 * folded.size
-            assert texts["bn1"] == [f"folded weight 'fc1.W_folded': {subnormal} of {folded.size} value(s)"
-                                    f" subnormal in float16 (smallest {folded[folded > 0].min():.3g}"
-                                    f" < {FLOAT16_TINY:.3g}): slow on CPUs"], texts
+            assert texts["bn1"] == [(f"folded weight 'fc1.W_folded': {subnormal} of {folded.size} value(s)"
+                                     f" subnormal in float16 (smallest {folded[folded > 0].min():.3g}"
+                                     f" < {FLOAT16_TINY:.3g}): slow on CPUs")], texts
         else:
-            assert texts["bn2"] == [f"folded weight 'fc2.W_folded' reaches {folded.max():.3g}, which"
-                                    " overflows float16 (max 65504)"], texts
+            assert texts["bn2"] == [(f"folded weight 'fc2.W_folded' reaches {folded.max():.3g}, which"
+                                     " overflows float16 (max 65504)")], texts
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def _tensors(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("workers", [None, 2], ids=["here", "executor"])
 def test_recalibrate_external_data_reads_in_place_and_writes_external_data(on_disk, tmp_path, monkeypatch,
                                                                            method, workers):
-    model, path = on_disk
+    _, path = on_disk
     data = _data(tmp_path / "data.npz", np.random.default_rng(1))
     # The reference: the model in memory, written in one file.
     expected = recalibrate(onnx.load(str(path)), str(data), method=method, batch_size=16)
@@ -199,7 +199,7 @@ def test_recalibrate_in_memory_input_writes_one_file(tmp_path):
 
 def test_recalibrate_and_fold_external_data(on_disk, tmp_path):
     """``--fold``: the recalibrated model is staged beside OUT and folded; nothing is left there."""
-    model, path = on_disk
+    _, path = on_disk
     data = _data(tmp_path / "data.npz", np.random.default_rng(1))
     out = tmp_path / "out" / "folded.onnx"
     out.parent.mkdir()
