@@ -13,6 +13,7 @@ plus the result. A block read from a memory-mapped weight is released once used
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,6 +41,14 @@ def block_rows(shape: tuple[int, ...]) -> int:
     """Rows (axis 0) of an array of ``shape`` per block: `BLOCK_BYTES` of float64, at least one."""
     per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)))
     return max(1, BLOCK_BYTES // (8 * per_row))
+
+
+@functools.lru_cache(maxsize=None)
+def _range_of(dtype: np.dtype) -> tuple[bool, float]:
+    """``(floating, largest finite value)`` of ``dtype`` (``0.0`` if not floating): asked once per
+    dtype, not per fold (``np.issubdtype`` and ``finfo`` cost microseconds each)."""
+    floating = bool(np.issubdtype(dtype, np.floating) or dtype.kind == "V")
+    return floating, float(_finfo(dtype).max) if floating else 0.0
 
 
 def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
@@ -115,11 +124,11 @@ def scale_and_cast(weight: np.ndarray, scale: np.ndarray, *, axis: int, dtype: n
     out = np.empty(weight.shape, dtype=dtype) if keep else None
     if not weight.size:
         return Cast(out, 0)
-    floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"
+    floating, limit = _range_of(dtype)
     high, low, flushed = -np.inf, np.inf, 0
-    for start, cast, block_high, block_low, block_flushed in _blocks(weight, scale, axis, dtype, alpha, scratch):
-        if keep:
-            out[start:start + cast.shape[0]] = cast
+    # Kept results are cast straight into ``out``: no block-sized temporary, whose fresh pages
+    # cost more than the cast itself on small weights.
+    for _, _, block_high, block_low, block_flushed in _blocks(weight, scale, axis, dtype, alpha, scratch, out):
         flushed += block_flushed
         if floating:
             # NumPy's max / min propagate NaN (as in check_representable); Python's max does not.
@@ -131,7 +140,6 @@ def scale_and_cast(weight: np.ndarray, scale: np.ndarray, *, axis: int, dtype: n
         if not (np.isfinite(high) and np.isfinite(low)):
             return "folded value is not finite"
         peak = max(high, -low)
-        limit = float(_finfo(dtype).max)
         if peak > limit:
             return f"folded value {peak:.6g} overflows {dtype.name} (max {limit:.6g})"
     if not keep:
@@ -139,17 +147,19 @@ def scale_and_cast(weight: np.ndarray, scale: np.ndarray, *, axis: int, dtype: n
     return Cast(out, flushed)
 
 
-def _blocks(weight, scale, axis, dtype, alpha, scratch):
+def _blocks(weight, scale, axis, dtype, alpha, scratch, out=None):
     """``(start row, cast block, max, min, flushed)`` per block of rows of ``weight`` (the float64
-    range of the block before the cast; subnormals of the cast block set to zero and counted)."""
+    range of the block before the cast; subnormals of the cast block set to zero and counted).
+
+    ``out``: an array of ``weight``'s shape and ``dtype`` that receives the cast blocks (each
+    yielded block is then a view of it); default a new array per block."""
     from bnfold.io.mapped import release
 
     rows = block_rows(weight.shape)
     block_shape = (min(rows, weight.shape[0]), *weight.shape[1:])
     buffer = np.empty(block_shape, dtype=np.float64) if scratch is None else scratch(block_shape)
     whole = _along(scale, axis, weight.ndim)
-    floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"
-    limit = float(_finfo(dtype).max) if floating else 0.0
+    floating, limit = _range_of(dtype)
     for start in range(0, weight.shape[0], rows):
         block = weight[start:start + rows]
         w64 = buffer[: block.shape[0]]
@@ -164,9 +174,11 @@ def _blocks(weight, scale, axis, dtype, alpha, scratch):
         release(weight[start:start + rows])
         block_high = float(w64.max()) if floating else 0.0
         block_low = float(w64.min()) if floating else 0.0
+        # astype and copyto run the same cast (round to nearest, overflow to inf).
+        cast = np.empty(w64.shape, dtype=dtype) if out is None else out[start:start + w64.shape[0]]
         if floating and not (-limit <= block_low and block_high <= limit):  # NaN lands here too
             with np.errstate(over="ignore", invalid="ignore"):  # reported by the caller, not warned
-                cast = w64.astype(dtype)
+                np.copyto(cast, w64, casting="unsafe")
         else:
-            cast = w64.astype(dtype)
+            np.copyto(cast, w64, casting="unsafe")
         yield start, cast, block_high, block_low, flush_subnormals(cast)

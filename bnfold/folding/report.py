@@ -10,7 +10,7 @@ to the folded model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = ["FoldEntry", "FoldReport", "Status", "NO_BATCHNORM"]
@@ -59,6 +59,12 @@ class FoldEntry:
             target = f" into '{self.into}'" if self.into else ""
             return f"{head}: decomposed{target} (Mul + Add by constants)"
         return f"{head}: kept: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable view (what ``dataclasses.asdict`` gives, without its generic deep
+        copy, which costs 80 us per entry: the fields are strings and a map of string lists)."""
+        return {"bn": self.bn, "graph": self.graph, "status": self.status, "into": self.into,
+                "reason": self.reason, "tensor_map": {name: list(news) for name, news in self.tensor_map.items()}}
 
 
 @dataclass
@@ -113,7 +119,7 @@ class FoldReport:
             "subnormals_flushed": self.subnormals_flushed,
             "notes": list(self.notes),
             "switches": [switch.to_dict() for switch in self.switches],
-            "entries": [asdict(entry) for entry in self.entries],
+            "entries": [entry.to_dict() for entry in self.entries],
         }
 
     def lines(self) -> list[str]:

@@ -251,8 +251,8 @@ def release(array: np.ndarray) -> None:
     Whole pages strictly inside the array's bytes only: a neighbouring tensor's page stays.
     """
     store = _ACTIVE.get()
-    if store is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
-        return
+    if store is None or not store._sources or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+        return  # (no mapped file: nothing to release, and the address lookup costs microseconds)
     start = array.__array_interface__["data"][0]
     end = start + array.nbytes
     for source in store._sources.values():

@@ -68,9 +68,12 @@ def _load(path: Path, *, check: bool, mapped: bool) -> tuple[onnx.ModelProto, di
             raise
         raise BnfoldError(hint) from None
     _check_versions(model, path)
-    external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(model))
-    sources = map_external_data(model, path) if mapped else {}
-    if not mapped:
+    if mapped:
+        sources = map_external_data(model, path)
+        external = bool(sources)  # every external tensor's file is opened: no second scan of the tensors
+    else:
+        sources = {}
+        external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(model))
         load_external_data(model, path)
     try:
         if check:

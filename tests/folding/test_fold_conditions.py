@@ -650,3 +650,19 @@ def test_consumer_disagreeing_with_bn_parameters_is_refused(fk, op, weight_shape
                                                       *bn_inits])
     with pytest.raises(BnfoldError, match=f"BatchNormalization 'bn' in main: {re.escape(message)}"):
         fold(m)
+
+
+def test_report_to_dict_entries_are_what_asdict_gives():
+    # FoldEntry.to_dict is written out by hand (asdict's generic deep copy is slow on deep
+    # models); it must stay what asdict gives, field for field, including for new fields.
+    from dataclasses import asdict
+
+    from bnfold.folding.report import FoldEntry
+
+    entries = [FoldEntry("bn", "main", "folded", into="conv", tensor_map={"w": ["w_f"], "var": ["w_f", "b_f"]}),
+               FoldEntry("bn2", "main/If.then_branch", "kept", reason="why")]
+    for entry in entries:
+        data = entry.to_dict()
+        assert data == asdict(entry)
+        data["tensor_map"].setdefault("w", []).append("changed")  # a copy, as asdict's
+        assert entry.tensor_map.get("w") != data["tensor_map"]["w"]
