@@ -219,41 +219,11 @@ def mobilenet_v2_like(path: Path) -> str | None:
     BN kept; return how it was exported, or None without torch."""
     try:
         import torch
-        from torch import nn
     except ImportError:
         return None
+    from mobilenet import mobilenet_v2
 
-    def conv_bn(cin, cout, kernel, stride, groups=1, act=True):
-        layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-        return layers + ([nn.ReLU6()] if act else [])
-
-    class Inverted(nn.Module):
-        def __init__(self, cin, cout, stride, expand):
-            super().__init__()
-            hidden = cin * expand
-            layers = conv_bn(cin, hidden, 1, 1) if expand != 1 else []
-            layers += conv_bn(hidden, hidden, 3, stride, groups=hidden) + conv_bn(hidden, cout, 1, 1, act=False)
-            self.body = nn.Sequential(*layers)
-            self.residual = stride == 1 and cin == cout
-
-        def forward(self, x):
-            return x + self.body(x) if self.residual else self.body(x)
-
-    torch.manual_seed(0)
-    layers = conv_bn(3, 32, 3, 2)
-    cin = 32
-    for expand, cout, repeats, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                                          (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
-        for i in range(repeats):
-            layers.append(Inverted(cin, cout, stride if i == 0 else 1, expand))
-            cin = cout
-    layers += conv_bn(cin, 1280, 1, 1) + [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, 1000)]
-    net = nn.Sequential(*layers).eval()
-    with torch.no_grad():  # non-trivial statistics, so that folding changes the weights
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
+    net = mobilenet_v2(seed=0, mean_spread=0.1)
     example = torch.randn(1, 3, 224, 224)
     try:
         torch.onnx.export(net, (example,), str(path), dynamo=True, optimize=False, external_data=False)

@@ -33,48 +33,14 @@ import time
 import numpy as np
 import onnx
 
-# (expansion t, output channels c, repeats n, first stride s) of MobileNetV2.
-_SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-             (6, 320, 1, 1)]
-
-
 def build_mobilenet_v2(size: int, seed: int) -> onnx.ModelProto:
     """The MobileNetV2 described in the module docstring, exported to ONNX (batch symbolic)."""
     import io
 
     import torch
-    from torch import nn
+    from mobilenet import mobilenet_v2
 
-    def conv_bn(cin: int, cout: int, kernel: int, stride: int, groups: int = 1, relu: bool = True) -> list:
-        layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-        return layers + [nn.ReLU6()] if relu else layers
-
-    class InvertedResidual(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int, t: int) -> None:
-            super().__init__()
-            hidden = cin * t
-            layers = conv_bn(cin, hidden, 1, 1) if t != 1 else []
-            layers += conv_bn(hidden, hidden, 3, stride, groups=hidden) + conv_bn(hidden, cout, 1, 1, relu=False)
-            self.body = nn.Sequential(*layers)
-            self.residual = stride == 1 and cin == cout
-
-        def forward(self, x):
-            return x + self.body(x) if self.residual else self.body(x)
-
-    torch.manual_seed(seed)
-    blocks, cin = conv_bn(3, 32, 3, 2), 32
-    for t, c, n, s in _SETTINGS:
-        for i in range(n):
-            blocks.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
-            cin = c
-    blocks += conv_bn(cin, 1280, 1, 1)
-    net = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, 1000))
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm2d):  # statistics a trained network could have
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
+    net = mobilenet_v2(seed, mean_spread=0.5, affine=True)
     buffer = io.BytesIO()
     torch.onnx.export(net.eval(), torch.randn(1, 3, size, size), buffer, dynamo=False, do_constant_folding=False,
                       input_names=["input"], output_names=["logits"],
