@@ -143,7 +143,9 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
     _check_paths(source, out, force=force, in_place=in_place, json_path=json_path)
     # External data stays on disk (memory-mapped) until the end: `stack` closes it.
     with contextlib.ExitStack() as stack:
-        model, external, size_before, in_bytes = _load(source, out, stack)
+        # Folded and only written (no session, no checker): large folded weights stay arrays and
+        # go from them into OUT, never through protobuf (`bnfold.io.mapped`, rule 4).
+        model, external, size_before, in_bytes = _load(source, out, stack, hold_new=not verify and not check)
         statistics = _statistics(model, pins, str(source), out, run=verify, threads=threads, strict=strict,
                                  warn=warn)
         loaded = time.perf_counter()
@@ -443,18 +445,20 @@ def _summary_lines(result: dict[str, Any], report: Any, *, verbose: bool = False
     return lines
 
 
-def _load(source: Path, out: Path, stack: contextlib.ExitStack) -> tuple[onnx.ModelProto, bool, int, int]:
+def _load(source: Path, out: Path, stack: contextlib.ExitStack, *,
+          hold_new: bool = False) -> tuple[onnx.ModelProto, bool, int, int]:
     """The model, whether OUT should use external data, IN's size on disk (with its data), and
     the model's serialized size in memory.
 
     External data is memory-mapped, not read (`bnfold.io.mapped`): folds read only the tensors
     they change, large folded tensors wait in a scratch file beside OUT, and the writer copies
-    the rest file to file. The mapping lives as long as ``stack``.
+    the rest file to file. With ``hold_new`` large folded weights of a model without external
+    data stay arrays until written (`bnfold.io.mapped.Held`). All of it lives as long as ``stack``.
     """
     from bnfold.io.files import resolved
     from bnfold.io.mapped import open_model
 
-    model = stack.enter_context(open_model(source, scratch_dir=resolved(out).parent)).model
+    model = stack.enter_context(open_model(source, scratch_dir=resolved(out).parent, hold_new=hold_new)).model
     data_files = _external_files(source)  # recorded by load_model: no second parse
     size = _disk_size(source, data_files)
     # Without external data the file is the serialized model; with it, the model without its data.

@@ -12,6 +12,10 @@ the ``with`` block runs:
    stay in memory either.
 3. `bnfold.io.save_model` copies every referenced byte range to the new data file in large
    chunks (never through protobuf), and `bnfold.runtime.session` hands onnxruntime files.
+4. With ``hold_new=True`` (a model that is only folded and written: no check or session needs
+   it in memory as one protobuf) new tensors of `HOLD_MIN_BYTES` or more stay NumPy arrays
+   (`Held`) that the tensor refers to, never copied into protobuf; `bnfold.io.save_model`
+   writes their bytes straight from the arrays into the file (`bnfold.io.wire`).
 
 Every location is validated when the model is opened (the rules of `bnfold.io.external`: inside
 the model's folder, no symbolic link out, regular file, offset and length within the file and
@@ -38,7 +42,9 @@ from bnfold.errors import BnfoldError
 from bnfold.io.files import pread_into, pwrite_all
 
 __all__ = [
+    "HOLD_MIN_BYTES",
     "SPILL_MIN_BYTES",
+    "Held",
     "MappedModel",
     "active",
     "covers",
@@ -46,6 +52,7 @@ __all__ = [
     "defers",
     "deferred",
     "external_array",
+    "held",
     "open_model",
     "release",
     "spill",
@@ -54,6 +61,10 @@ __all__ = [
 #: New tensors at least this large go to the scratch file while a model is open (smaller ones
 #: cost less in memory than a file round trip).
 SPILL_MIN_BYTES = 16 * 1024**2
+
+#: New tensors at least this large are held as arrays under ``hold_new`` (rule 4): below it a
+#: copy into protobuf costs less than the reference that replaces it.
+HOLD_MIN_BYTES = 64 * 1024
 
 # Spilled tensors name their data with this prefix: never a valid file name in a model folder,
 # so a spilled tensor that escaped `save_model` fails loudly instead of reading a stranger's file.
@@ -84,6 +95,43 @@ class _Source:
 
 
 @dataclass
+class Held:
+    """A new tensor's values kept as an array (rule 4): what a `_Source` reads instead of a file.
+
+    It answers like `bnfold.folding.chunked.Deferred`: ``materialize`` for a later fold that
+    reads the tensor, ``blocks`` for a writer. The array is read-only from now on.
+    """
+
+    array: np.ndarray
+    flushed: int = 0
+
+    def __post_init__(self) -> None:
+        self.array = np.ascontiguousarray(self.array)
+        self.array.flags.writeable = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def arrays(self) -> Iterator[tuple[int, np.ndarray]]:
+        yield 0, self.array
+
+    def blocks(self) -> Iterator[memoryview]:
+        yield self.view()
+
+    def view(self) -> memoryview:
+        """The bytes, C order, without a copy."""
+        return memoryview(self.array.reshape(-1)).cast("B")
+
+    def materialize(self) -> np.ndarray:
+        return self.array
+
+
+@dataclass
 class MappedModel:
     """A model whose external tensors are read on demand (see the module docstring).
 
@@ -98,16 +146,20 @@ class MappedModel:
     examine_only : bool
         Folds of this model are examined, never written nor run (`bnfold.inspect`'s dry run):
         folded weights are left deferred even with no scratch folder (`defers`).
+    hold_min : int or None
+        New tensors of this many bytes or more are `Held` (rule 4); None: none are.
     """
 
     model: onnx.ModelProto
     path: Path
     scratch_dir: Path | None = None
     examine_only: bool = False
+    hold_min: int | None = None
     _sources: dict[str, _Source] = field(default_factory=dict)
     _files: dict[int, tuple[onnx.ModelProto, Path]] = field(default_factory=dict)
     _scratch: tuple[str, Path, int] | None = None  # (location, path, fd)
     _scratch_size: int = 0
+    _maps: list[_Source] = field(default_factory=list)  # the sources mapped so far (`release`)
 
     # ---- reading ---------------------------------------------------------------------------
     def span(self, tensor: onnx.TensorProto) -> tuple[_Source, int, int] | None:
@@ -193,6 +245,8 @@ class MappedModel:
         if source.map is None and source.size:
             source.map = mmap.mmap(source.fd, source.size, access=mmap.ACCESS_READ)
             source.address = np.frombuffer(source.map, dtype=np.uint8, count=1).__array_interface__["data"][0]
+            if not any(known is source for known in self._maps):
+                self._maps.append(source)
         return source
 
     # ---- life cycle ------------------------------------------------------------------------
@@ -205,6 +259,7 @@ class MappedModel:
                 with contextlib.suppress(OSError):
                     os.close(source.fd)
         self._sources.clear()
+        self._maps.clear()
         self._files.clear()
         if self._scratch is not None:
             with contextlib.suppress(OSError):
@@ -251,11 +306,11 @@ def release(array: np.ndarray) -> None:
     Whole pages strictly inside the array's bytes only: a neighbouring tensor's page stays.
     """
     store = _ACTIVE.get()
-    if store is None or not store._sources or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+    if store is None or not store._maps or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
         return  # (no mapped file: nothing to release, and the address lookup costs microseconds)
     start = array.__array_interface__["data"][0]
     end = start + array.nbytes
-    for source in store._sources.values():
+    for source in store._maps:
         if source.map is None:
             continue
         base = source.address
@@ -292,16 +347,29 @@ def defer(tensor: onnx.TensorProto, deferred: Any) -> None:
 
 
 def spill(tensor: onnx.TensorProto, array: np.ndarray) -> bool:
-    """Move a new tensor's values to the scratch file if a model is open and ``array`` is large."""
+    """Move a new tensor's values out of protobuf if a model is open and ``array`` is large: to the
+    scratch file (a model whose data stays on disk) or, under ``hold_new``, into a `Held`."""
     store = _ACTIVE.get()
-    if store is None or array.nbytes < SPILL_MIN_BYTES:
+    if store is None:
+        return False
+    if store.hold_min is not None and array.nbytes >= store.hold_min:
+        store.defer(tensor, Held(array))
+        return True
+    if array.nbytes < SPILL_MIN_BYTES:
         return False
     return store.spill(tensor, array)
 
 
+def held(tensor: onnx.TensorProto) -> Held | None:
+    """The `Held` array that ``tensor`` refers to in the open model, else None."""
+    found = deferred(tensor)
+    return found if isinstance(found, Held) else None
+
+
 @contextlib.contextmanager
 def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None = None,
-               check: bool = True, examine_only: bool = False) -> Iterator[MappedModel]:
+               check: bool = True, examine_only: bool = False,
+               hold_new: bool = False) -> Iterator[MappedModel]:
     """Load the model at ``path`` with its external data mapped, not read (module docstring).
 
     Parameters
@@ -314,6 +382,11 @@ def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None
         As `bnfold.io.load_model`.
     examine_only : bool
         Folds of the model are examined, never written (`MappedModel.examine_only`).
+    hold_new : bool
+        Keep large new tensors as arrays until the model is written (rule 4), for a model with
+        no external data (one with some spills them to ``scratch_dir`` instead). Only for a
+        model that is folded and written: a session or checker given it in memory would need
+        every tensor copied back into protobuf.
 
     Yields
     ------
@@ -326,7 +399,8 @@ def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None
     model, sources = load_model_mapped(path, check=check)
     # Spilling only helps a model whose data stays on disk; any other is written from memory.
     spill_to = Path(scratch_dir) if scratch_dir is not None and sources else None
-    store = MappedModel(model=model, path=path, scratch_dir=spill_to, examine_only=examine_only)
+    store = MappedModel(model=model, path=path, scratch_dir=spill_to, examine_only=examine_only,
+                        hold_min=HOLD_MIN_BYTES if hold_new and not sources else None)
     token = _ACTIVE.set(store)
     try:
         for location, (fd, size) in sources.items():

@@ -110,6 +110,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
 
 def _save_in_one_file(model: onnx.ModelProto, path: Path, external_data: bool | None) -> None:
+    held = _held_initializers(model)
+    if held:
+        _save_pieces(model, path, held, external_data)
+        return
     model = _inlined(model)
     # Serialize first and look at the size afterwards: asking protobuf for the size costs as much
     # as serializing, and most models are far below the limit.
@@ -128,6 +132,52 @@ def _save_in_one_file(model: onnx.ModelProto, path: Path, external_data: bool | 
         raise BnfoldError(f"{path}: model too large for one file ({len(data)} bytes); use external data")
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def _held_initializers(model: onnx.ModelProto) -> dict[int, memoryview] | None:
+    """Positions of the main graph's initializers that are `bnfold.io.mapped.Held` arrays -> their
+    bytes; None when there are none, or when any other tensor refers to data outside protobuf
+    (written through `_inlined` then)."""
+    from bnfold.io.mapped import active, held
+
+    store = active()
+    if store is None or store.hold_min is None:
+        return None
+    found: dict[int, memoryview] = {}
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            values = held(tensor)
+            if values is None:
+                return None
+            found[index] = values.view()
+    if not found:
+        return None
+    initializers = {id(tensor) for tensor in model.graph.initializer}
+    for tensor in all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and id(tensor) not in initializers:
+            return None
+    return found
+
+
+def _save_pieces(model: onnx.ModelProto, path: Path, held: dict[int, memoryview],
+                 external_data: bool | None) -> None:
+    """Write ``model`` with its held tensors' bytes spliced in (`bnfold.io.wire`), in one file."""
+    from bnfold.io.wire import model_pieces, pieces_size, write_pieces
+
+    pieces = model_pieces(model, held)
+    size = pieces_size(pieces)
+    if size > PROTOBUF_LIMIT:
+        del pieces
+        if external_data is None:
+            _save_with_external_data(model, path)
+            return
+        raise BnfoldError(f"{path}: model too large for one file ({size} bytes); use external data")
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            write_pieces(fd, pieces)
+        finally:
+            os.close(fd)
 
 
 def _goes_external(tensor: onnx.TensorProto, store=None) -> bool:
