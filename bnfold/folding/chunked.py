@@ -14,6 +14,7 @@ plus the result. A block read from a memory-mapped weight is released once used
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ class Cast:
 
 def block_rows(shape: tuple[int, ...]) -> int:
     """Rows (axis 0) of an array of ``shape`` per block: `BLOCK_BYTES` of float64, at least one."""
-    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)))
+    per_row = max(1, math.prod(shape[1:]))
     return max(1, BLOCK_BYTES // (8 * per_row))
 
 
