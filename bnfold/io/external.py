@@ -21,7 +21,7 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.io.files import all_tensors, one_line, resolved
 
-__all__ = ["load_external_data", "map_external_data", "external_files_of"]
+__all__ = ["load_external_data", "map_external_data", "external_files_of", "expected_nbytes"]
 
 # Resolved model path -> (its size and modification time when loaded, the resolved external data
 # files it was loaded from; empty for none), for check_output_path and convert's size accounting.
@@ -33,13 +33,16 @@ def _stamp(path: Path) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
-def _external_entries(model: onnx.ModelProto, path: Path, base: Path):
+def _external_entries(model: onnx.ModelProto, path: Path, base: Path, skip: str | None = None):
     """``(tensor, location, target, offset, length)`` of every external tensor, rules 1 and 3
-    checked (the file's size is checked where it is opened); ``length`` None: to the end."""
+    checked (the file's size is checked where it is opened); ``length`` None: to the end.
+    Tensors whose location is ``skip`` (the model file's own bytes, `bnfold.io.models`) are left out."""
     for tensor in all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
+        if skip is not None and info.get("location") == skip:
+            continue
         if not all(type(item) is str for pair in info.items() for item in pair):
             # Not UTF-8: protobuf hands out bytes. Such a location cannot name a file safely.
             raise BnfoldError(
@@ -48,7 +51,7 @@ def _external_entries(model: onnx.ModelProto, path: Path, base: Path):
         location = info.get("location", "")
         target = _check_external_location(path, base, tensor.name, location)
         offset = _external_int(path, tensor.name, info, "offset", 0)
-        expected = _expected_nbytes(tensor)
+        expected = expected_nbytes(tensor)
         length = _external_int(path, tensor.name, info, "length", None)
         if length is None:
             length = expected
@@ -76,18 +79,19 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
     _EXTERNAL_SOURCES[path.resolve()] = (_stamp(path), frozenset(sources))
 
 
-def map_external_data(model: onnx.ModelProto, path: Path) -> dict[str, tuple[int, int]]:
+def map_external_data(model: onnx.ModelProto, path: Path, *, skip: str | None = None) -> dict[str, tuple[int, int]]:
     """Check every external tensor of `model` like `load_external_data`, read nothing.
 
     Each data file is opened once (rule 2, no link followed) and its size checked against every
     tensor's offset and length (rule 3). Returns ``{location: (open descriptor, file size)}``;
-    the caller closes the descriptors (`bnfold.io.mapped` maps them).
+    the caller closes the descriptors (`bnfold.io.mapped` maps them). ``skip``: a location that
+    names no file but the model file itself (`bnfold.io.models.load_model_mapped`'s ``in_place``).
     """
     base = path.resolve().parent
     opened: dict[str, tuple[int, int]] = {}
     sources: set[Path] = set()
     try:
-        for tensor, location, target, offset, length in _external_entries(model, path, base):
+        for tensor, location, target, offset, length in _external_entries(model, path, base, skip):
             where = f"{path}: tensor '{tensor.name}' external data file '{location}'"
             if location not in opened:
                 opened[location] = _open_regular(base, target, where)
@@ -203,7 +207,9 @@ _SUBBYTE_TYPES = {
 }
 
 
-def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+def expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's values take (dims x item size), or None (strings, sub-byte types, types
+    onnx does not know, negative dimensions)."""
     if tensor.data_type in _SUBBYTE_TYPES or tensor.data_type == onnx.TensorProto.STRING:
         return None
     try:

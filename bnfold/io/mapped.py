@@ -16,6 +16,10 @@ the ``with`` block runs:
    it in memory as one protobuf) new tensors of `HOLD_MIN_BYTES` or more stay NumPy arrays
    (`Held`) that the tensor refers to, never copied into protobuf; `bnfold.io.save_model`
    writes their bytes straight from the arrays into the file (`bnfold.io.wire`).
+5. With ``hold_new`` the model file's own large initializers are left in it too: they refer to
+   their bytes in the file (`bnfold.io.models.load_model_mapped`'s ``in_place``), are read
+   through the map like external data, and `bnfold.io.save_model` writes them from the map.
+   Parsing the model then copies none of them.
 
 Every location is validated when the model is opened (the rules of `bnfold.io.external`: inside
 the model's folder, no symbolic link out, regular file, offset and length within the file and
@@ -70,6 +74,7 @@ HOLD_MIN_BYTES = 64 * 1024
 # so a spilled tensor that escaped `save_model` fails loudly instead of reading a stranger's file.
 _SPILL_PREFIX = "<bnfold-scratch "
 _DEFERRED_PREFIX = "<bnfold-deferred "
+_INPUT_PREFIX = "<bnfold-input "
 
 _ACTIVE: contextvars.ContextVar[MappedModel | None] = contextvars.ContextVar("bnfold_mapped_model", default=None)
 
@@ -83,6 +88,7 @@ class _Source:
     map: mmap.mmap | None
     address: int = 0
     deferred: Any = None  # a bnfold.folding.chunked.Deferred: bytes computed when read
+    own: bool = False  # the model file itself (rule 5): mapped whole at once, its pages kept
 
     def blocks(self) -> Iterator[memoryview]:
         """The bytes of a deferred tensor, block by block."""
@@ -183,7 +189,7 @@ class MappedModel:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
-            if location.startswith((_SPILL_PREFIX, _DEFERRED_PREFIX)) or location not in self._sources:
+            if location.startswith((_SPILL_PREFIX, _DEFERRED_PREFIX, _INPUT_PREFIX)) or location not in self._sources:
                 return None
         return self.path.resolve().parent
 
@@ -241,11 +247,29 @@ class MappedModel:
         return any(source.map is not None and source.address <= start and end <= source.address + source.size
                    for source in self._sources.values())
 
+    def view(self, source: _Source, offset: int, length: int) -> memoryview:
+        """``length`` bytes at ``offset`` of an open data file, through its map (no copy)."""
+        try:
+            view = self._mapped(source).view(offset, length)
+        except (OSError, ValueError):  # the map failed: read the bytes
+            buffer = bytearray(length)
+            view = memoryview(buffer)[: pread_into(source.fd, memoryview(buffer), offset)]
+        if len(view) != length:
+            raise BnfoldError(f"{self.path}: a data file is shorter than when it was opened")
+        return view
+
     def _mapped(self, source: _Source) -> _Source:
         if source.map is None and source.size:
-            source.map = mmap.mmap(source.fd, source.size, access=mmap.ACCESS_READ)
+            if source.own:
+                # The model file (under 2 GiB): its pages are in the page cache, having just been
+                # parsed, and the writer reads the unchanged ones again. Mapping them in one call
+                # costs far less than a page fault per page, and `release` leaves them mapped.
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                source.map = mmap.mmap(source.fd, source.size, flags=flags, prot=mmap.PROT_READ)
+            else:
+                source.map = mmap.mmap(source.fd, source.size, access=mmap.ACCESS_READ)
             source.address = np.frombuffer(source.map, dtype=np.uint8, count=1).__array_interface__["data"][0]
-            if not any(known is source for known in self._maps):
+            if not source.own and not any(known is source for known in self._maps):
                 self._maps.append(source)
         return source
 
@@ -384,9 +408,10 @@ def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None
         Folds of the model are examined, never written (`MappedModel.examine_only`).
     hold_new : bool
         Keep large new tensors as arrays until the model is written (rule 4), for a model with
-        no external data (one with some spills them to ``scratch_dir`` instead). Only for a
-        model that is folded and written: a session or checker given it in memory would need
-        every tensor copied back into protobuf.
+        no external data (one with some spills them to ``scratch_dir`` instead), and leave the
+        file's own large initializers in the file (rule 5). Only for a model that is folded and
+        written: a session or checker given it in memory would need every tensor copied back
+        into protobuf.
 
     Yields
     ------
@@ -396,15 +421,18 @@ def open_model(path: str | os.PathLike, *, scratch_dir: str | os.PathLike | None
     from bnfold.io.models import load_model_mapped
 
     path = Path(path)
-    model, sources = load_model_mapped(path, check=check)
+    # Under hold_new the model file's own large initializers stay in it as well (rule 5).
+    own = f"{_INPUT_PREFIX}{secrets.token_hex(8)}>" if hold_new else None
+    model, sources = load_model_mapped(path, check=check, in_place=own)
+    external = [location for location in sources if location != own]
     # Spilling only helps a model whose data stays on disk; any other is written from memory.
-    spill_to = Path(scratch_dir) if scratch_dir is not None and sources else None
+    spill_to = Path(scratch_dir) if scratch_dir is not None and external else None
     store = MappedModel(model=model, path=path, scratch_dir=spill_to, examine_only=examine_only,
-                        hold_min=HOLD_MIN_BYTES if hold_new and not sources else None)
+                        hold_min=HOLD_MIN_BYTES if hold_new and not external else None)
     token = _ACTIVE.set(store)
     try:
         for location, (fd, size) in sources.items():
-            store._sources[location] = _Source(fd=fd, size=size, map=None)
+            store._sources[location] = _Source(fd=fd, size=size, map=None, own=location == own)
         yield store
     finally:
         _ACTIVE.reset(token)

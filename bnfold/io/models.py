@@ -13,6 +13,8 @@ Rules of `load_model`:
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from pathlib import Path
 
@@ -23,7 +25,10 @@ from bnfold.io.external import load_external_data, map_external_data
 from bnfold.io.foreign import foreign_format_hint
 from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, check_input_file, one_line, read_bytes, serialized_size
 
-__all__ = ["load_model", "load_model_mapped", "check_model"]
+__all__ = ["load_model", "load_model_mapped", "check_model", "IN_PLACE_MIN_BYTES"]
+
+#: Model files smaller than this are read whole even when ``in_place`` is asked for.
+IN_PLACE_MIN_BYTES = 1024**2
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
@@ -49,14 +54,25 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     return _load(Path(path), check=check, mapped=False)[0]
 
 
-def load_model_mapped(path: str | os.PathLike, *,
-                      check: bool = True) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
+def load_model_mapped(path: str | os.PathLike, *, check: bool = True,
+                      in_place: str | None = None) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
     """`load_model` that leaves external tensors on disk: the same checks, no tensor data read.
 
     Returns the model (its external tensors still refer to their files) and the open data files,
     ``{location: (descriptor, size)}`` (see `bnfold.io.mapped.open_model`, which owns them).
+
+    ``in_place``: a location that names no file (`bnfold.io.mapped` makes one up). The large
+    initializers of the model file itself are then left in it too: they become references to
+    their own bytes in the file under that location (`bnfold.io.wire.lift_initializers`), and
+    the file is among the returned sources under that name. Parsing then copies no weight, and
+    the checker sees each such tensor through a one-element stand-in (`_check_in_place`).
     """
-    return _load(Path(path), check=check, mapped=True)
+    path = Path(path)
+    if in_place is not None:
+        found = _load_in_place(path, check=check, location=in_place)
+        if found is not None:
+            return found
+    return _load(path, check=check, mapped=True)
 
 
 def _load(path: Path, *, check: bool, mapped: bool) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
@@ -112,6 +128,112 @@ def _parse(path: Path) -> tuple[onnx.ModelProto, bytes]:
     if not model.HasField("graph"):
         raise BnfoldError(f"{path}: not an ONNX model (no graph; is it another protobuf message?)")
     return model, raw
+
+
+def _load_in_place(path: Path, *, check: bool,
+                   location: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]] | None:
+    """`load_model_mapped`'s ``in_place``; None when the file has nothing to leave in place or is
+    not an ordinary model (`_load` then reads it and words any error)."""
+    try:
+        check_input_file(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except (BnfoldError, OSError):
+        return None
+    sources: dict[str, tuple[int, int]] = {}
+    try:
+        size = os.fstat(fd).st_size
+        if not IN_PLACE_MIN_BYTES <= size <= PROTOBUF_LIMIT:
+            return None
+        try:
+            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system that cannot map files: read it whole
+            return None
+        with mapped:
+            view = memoryview(mapped)
+            try:
+                model, spans = _lifted(view, path, location)
+                if model is None:
+                    return None
+                _check_versions(model, path)
+                sources = map_external_data(model, path, skip=location)
+                if check:
+                    _check_names(model, path)
+                    if sources:  # data in other files too: the checker reads the file and those
+                        _run_checker(path, path)
+                    else:
+                        _check_in_place(model, spans, view, path)
+            finally:
+                view.release()
+        sources[location] = (fd, size)
+        return model, sources
+    finally:
+        if location not in sources:
+            for descriptor, _ in sources.values():
+                os.close(descriptor)
+            os.close(fd)
+
+
+def _lifted(view: memoryview, path: Path, location: str) -> tuple[onnx.ModelProto | None, dict[int, tuple[int, int]]]:
+    """The model with its large initializers left in ``view`` (`bnfold.io.wire.lift_initializers`)
+    and where each lies; those whose bytes do not match their shape and type exactly are read
+    back into the model (what onnx and the fold say of them is then what they say of the file)."""
+    from bnfold.io.external import expected_nbytes
+    from bnfold.io.mapped import HOLD_MIN_BYTES
+    from bnfold.io.wire import lift_initializers
+
+    try:
+        lifted = lift_initializers(view, HOLD_MIN_BYTES, location)
+    except ValueError:
+        return None, {}
+    if lifted is None:
+        return None, {}
+    light, spans = lifted
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(light)
+    except Exception:  # the full parse of `_load` gives the error
+        return None, {}
+    if not model.HasField("graph"):
+        return None, {}
+    initializers = model.graph.initializer
+    for position, (offset, length) in list(spans.items()):
+        tensor = initializers[position]
+        if tensor.data_type != onnx.TensorProto.STRING and expected_nbytes(tensor) == length:
+            continue
+        tensor.raw_data = view[offset:offset + length].tobytes()
+        tensor.ClearField("data_location")
+        del tensor.external_data[:]
+        del spans[position]
+    return model, spans
+
+
+def _check_in_place(model: onnx.ModelProto, spans: dict[int, tuple[int, int]], view: memoryview, path: Path) -> None:
+    """``onnx.checker`` on ``model`` whose initializers at ``spans`` are left in the file.
+
+    Of a tensor with ``raw_data`` the checker asks only that it is the one value field, of the
+    size that the shape and type declare, and not a string (onnx/checker.cc, ``check_tensor``);
+    `_lifted` kept in place only tensors that meet all of that. Each is checked as a stand-in
+    with the same name, type and fields, one element and that element's bytes, so the checker
+    reads no weight. Should that check fail, the file itself is checked and its verdict and
+    message are the ones reported.
+    """
+    stand_in = onnx.ModelProto()
+    stand_in.CopyFrom(model)
+    initializers = stand_in.graph.initializer
+    for position, (_, length) in spans.items():
+        tensor = initializers[position]
+        itemsize = length // math.prod(tensor.dims)
+        tensor.ClearField("data_location")
+        del tensor.external_data[:]
+        del tensor.dims[:]
+        tensor.dims.append(1)
+        tensor.raw_data = bytes(itemsize)
+    try:
+        onnx.checker.check_model(stand_in.SerializeToString())
+        return
+    except Exception:  # the file decides
+        pass
+    _run_checker(view.tobytes(), path)
 
 
 def _check_names(model: onnx.ModelProto, source: Path | str) -> None:

@@ -8,6 +8,10 @@ serialize it with every tensor loaded, byte for byte (protobuf writes known fiel
 field-number order; a held tensor carries no unknown fields), without the whole model ever
 sitting in memory as one buffer. `write_pieces` writes them with ``writev``.
 
+`lift_initializers` is the way in: a model file's large initializers become references to their
+own bytes in the file (external data with a location no file has), so that parsing the rest
+copies no weight; `bnfold.io.mapped` then reads those bytes where they lie.
+
 Only the wire format's structure is read here (field numbers, wire types, lengths): the
 protobuf encoding guide's "Message Structure" section.
 """
@@ -19,12 +23,17 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import onnx
 
-__all__ = ["fields", "varint", "model_pieces", "pieces_size", "write_pieces"]
+__all__ = ["fields", "varint", "lift_initializers", "model_pieces", "pieces_size", "write_pieces"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MODEL_GRAPH = 7        # ModelProto.graph
 _GRAPH_INITIALIZER = 5  # GraphProto.initializer
 _TENSOR_RAW_DATA = 9    # TensorProto.raw_data
+_TENSOR_SEGMENT = 3     # TensorProto.segment
+_TENSOR_VALUES = (4, 5, 6, 7, 10, 11)  # float_data, int32_data, string_data, int64_data, double_data, uint64_data
+_TENSOR_EXTERNAL_DATA = 13
+_TENSOR_DATA_LOCATION = 14
+_EXTERNAL = 1           # TensorProto.DataLocation.EXTERNAL
 
 try:
     _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))  # buffers per writev
@@ -166,3 +175,69 @@ def write_pieces(fd: int, pieces: Sequence[Piece]) -> None:
             written -= len(piece)
             position += 1
 
+
+
+def lift_initializers(data: memoryview, min_bytes: int, location: str) -> tuple[bytes, dict[int, tuple[int, int]]] | None:
+    """``data`` (a serialized ``ModelProto``, e.g. a memory-mapped model file) with the
+    ``raw_data`` of each main-graph initializer of ``min_bytes`` or more replaced by an external
+    reference ``location`` / offset / length to where those bytes lie in ``data``.
+
+    Returns ``(the new bytes, {initializer position: (offset, length)})``, or None if no
+    initializer qualifies. A tensor qualifies when its only value is one non-empty ``raw_data``
+    field and it has no ``segment``, ``external_data`` or ``data_location`` of its own: putting
+    its bytes back as ``raw_data`` then gives the tensor exactly as it was.
+    """
+    pieces: list[Piece] = []
+    lifted: dict[int, tuple[int, int]] = {}
+    last = position = 0
+    for number, wire_type, start, payload, end in fields(data):
+        if number != _MODEL_GRAPH or wire_type != _LEN:
+            continue
+        graph: list[Piece] = []
+        inner = payload
+        for field_number, field_wire, field_start, tensor_start, tensor_end in fields(data, payload, end):
+            if field_number != _GRAPH_INITIALIZER or field_wire != _LEN:
+                continue
+            position += 1
+            raw = _lone_raw_data(data, tensor_start, tensor_end) if tensor_end - tensor_start >= min_bytes else None
+            if raw is None:
+                continue
+            raw_field, raw_start, raw_end = raw
+            tensor = [data[tensor_start:raw_field], data[raw_end:tensor_end],
+                      _reference(location, raw_start, raw_end - raw_start)]
+            graph += [data[inner:field_start], _key(_GRAPH_INITIALIZER, _LEN) + varint(pieces_size(tensor)), *tensor]
+            inner = tensor_end
+            lifted[position - 1] = (raw_start, raw_end - raw_start)
+        if graph:
+            graph.append(data[inner:end])
+            pieces += [data[last:start], _key(_MODEL_GRAPH, _LEN) + varint(pieces_size(graph)), *graph]
+            last = end
+    if not lifted:
+        return None
+    pieces.append(data[last:])
+    return b"".join(pieces), lifted
+
+
+def _lone_raw_data(data: memoryview, start: int, end: int) -> tuple[int, int, int] | None:
+    """``(field start, bytes start, end)`` of the tensor's one ``raw_data``, if it qualifies."""
+    found = None
+    for number, wire_type, field_start, payload, field_end in fields(data, start, end):
+        if number == _TENSOR_RAW_DATA:
+            if found is not None or wire_type != _LEN or field_end == payload:
+                return None
+            found = (field_start, payload, field_end)
+        elif number in _TENSOR_VALUES or number in (_TENSOR_SEGMENT, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
+            return None
+    return found
+
+
+def _entry(key: str, value: str) -> bytes:
+    body = b"".join(_key(number, _LEN) + varint(len(text)) + text
+                    for number, text in ((1, key.encode()), (2, value.encode())))
+    return _key(_TENSOR_EXTERNAL_DATA, _LEN) + varint(len(body)) + body
+
+
+def _reference(location: str, offset: int, length: int) -> bytes:
+    """``external_data`` {location, offset, length} and ``data_location = EXTERNAL``, encoded."""
+    return (_entry("location", location) + _entry("offset", str(offset)) + _entry("length", str(length))
+            + _key(_TENSOR_DATA_LOCATION, _VARINT) + varint(_EXTERNAL))

@@ -135,10 +135,11 @@ def _save_in_one_file(model: onnx.ModelProto, path: Path, external_data: bool | 
 
 
 def _held_initializers(model: onnx.ModelProto) -> dict[int, memoryview] | None:
-    """Positions of the main graph's initializers that are `bnfold.io.mapped.Held` arrays -> their
-    bytes; None when there are none, or when any other tensor refers to data outside protobuf
-    (written through `_inlined` then)."""
-    from bnfold.io.mapped import active, held
+    """Positions of the main graph's initializers whose bytes lie outside protobuf, in a
+    `bnfold.io.mapped.Held` array or the memory-mapped input -> those bytes; None when there
+    are none, or when any other tensor refers to data outside protobuf (written through
+    `_inlined` then)."""
+    from bnfold.io.mapped import Held, active
 
     store = active()
     if store is None or store.hold_min is None:
@@ -146,10 +147,16 @@ def _held_initializers(model: onnx.ModelProto) -> dict[int, memoryview] | None:
     found: dict[int, memoryview] = {}
     for index, tensor in enumerate(model.graph.initializer):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            values = held(tensor)
-            if values is None:
+            span = store.span(tensor)
+            if span is None:
                 return None
-            found[index] = values.view()
+            source, offset, length = span
+            if isinstance(source.deferred, Held):
+                found[index] = source.deferred.view()
+            elif source.deferred is None and source.fd >= 0:
+                found[index] = store.view(source, offset, length)
+            else:
+                return None
     if not found:
         return None
     initializers = {id(tensor) for tensor in model.graph.initializer}

@@ -20,6 +20,7 @@ import pytest
 
 import bnfold.folding
 from bnfold.export import export_onnx
+from bnfold.folding.tensors import tensor_to_array
 from bnfold.nn.batchnorm import BatchNorm
 from bnfold.nn.layers import Dense, ReLU
 from bnfold.nn.model import Sequential
@@ -150,7 +151,7 @@ def corrupt_fold(monkeypatch: pytest.MonkeyPatch, bn_name: str) -> None:
         if entry is not None:
             node = next(n for n in folded.graph.node if n.name == entry.into)
             init = next(i for i in folded.graph.initializer if i.name == node.input[1])
-            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 1.5, init.name))
+            init.CopyFrom(onnx.numpy_helper.from_array(tensor_to_array(init) * 1.5, init.name))
         return folded, report
 
     monkeypatch.setattr(bnfold.folding, "fold", wrong)
