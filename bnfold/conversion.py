@@ -32,7 +32,7 @@ import onnx
 from bnfold.errors import BnfoldError, VerificationError
 from bnfold.folding.report import NO_BATCHNORM
 from bnfold.io.files import serialized_size
-from bnfold.io.writing import write_json
+from bnfold.io.writing import write_json, written_size
 
 __all__ = ["convert", "ConvertResult", "NO_BATCHNORM"]
 
@@ -193,7 +193,7 @@ def convert(input_path: str | os.PathLike, output_path: str | os.PathLike | None
 
         # A fold at most copies each weight once (shared weights) and replaces every BN's four vectors
         # with at most two: OUT is under twice IN's size, so only a large IN needs OUT measured.
-        external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and serialized_size(folded) > _PROTOBUF_LIMIT)
+        external = external or (in_bytes > _PROTOBUF_LIMIT // 2 and written_size(folded) > _PROTOBUF_LIMIT)
         if staged is not None and staged[1] is folded:  # verified as staged: move it into place
             staged[0].commit()
             if check:

@@ -17,6 +17,7 @@ import json
 import logging
 import mmap
 import os
+import sys
 import tempfile
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +31,17 @@ from google.protobuf.message import EncodeError
 from bnfold.errors import BnfoldError
 from bnfold.io.atomic import _default_mode, _fsync, _fsync_dir, atomic_path
 from bnfold.io.external import external_files_of
-from bnfold.io.files import PROTOBUF_LIMIT, all_tensors, pread_into, pwrite_all, resolved, same_file
+from bnfold.io.files import (
+    PROTOBUF_LIMIT,
+    all_tensors,
+    pread_into,
+    pwrite_all,
+    resolved,
+    same_file,
+    serialized_size,
+)
 
-__all__ = ["check_output_path", "save_model", "stage_model", "StagedModel", "write_json"]
+__all__ = ["check_output_path", "save_model", "stage_model", "StagedModel", "write_json", "written_size"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Colle
         other = Path(other)
         if same_file(path, other):
             raise BnfoldError(f"{path}: output is the same file as the input; use --in-place to allow it")
-        for data_file in external_files_of(other) if path.exists() else ():
+        for data_file in _data_files_naming(other, path) if path.exists() else ():
             if same_file(path, data_file):
                 raise BnfoldError(f"{path}: output is the external data file of the input {other}")
     if path.is_dir():
@@ -85,6 +94,18 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Colle
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BnfoldError(f"{path}: output folder {parent} is not writable")
     return path
+
+
+def _data_files_naming(model_path: Path, path: Path) -> set[Path]:
+    """The external data files of ``model_path``, or none when its bytes do not contain ``path``'s
+    name (a location names its file): a search costs far less than parsing a large model. Where
+    file names ignore case or Unicode normalization (macOS, Windows) a location may spell the
+    name otherwise: there the model is always parsed."""
+    if not model_path.is_file():
+        return set()
+    if sys.platform.startswith("linux") and not _names(model_path, path.name):
+        return set()
+    return external_files_of(model_path)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
@@ -132,6 +153,14 @@ def _save_in_one_file(model: onnx.ModelProto, path: Path, external_data: bool | 
         raise BnfoldError(f"{path}: model too large for one file ({len(data)} bytes); use external data")
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def written_size(model: onnx.ModelProto) -> int:
+    """About the bytes `model` takes written in one file (``PROTOBUF_LIMIT + 1`` when protobuf
+    cannot hold it): its serialized size, plus the bytes of the tensors it holds outside protobuf
+    (`bnfold.io.mapped` rules 4 and 5), which its references stand for."""
+    held = _held_initializers(model) or {}
+    return serialized_size(model) + sum(len(values) for values in held.values())
 
 
 def _held_initializers(model: onnx.ModelProto) -> dict[int, memoryview] | None:

@@ -378,6 +378,23 @@ def test_convert_refuses_output_over_inputs_external_data(builders, folders, run
     before.assert_unchanged()
 
 
+def test_force_over_an_unrelated_output_does_not_parse_the_input(builders, folders, run_cli, monkeypatch):
+    """An input whose bytes never name OUT cannot have OUT as its data file: no parse for that."""
+    src_dir, out_dir = folders
+    src = _good_model(src_dir, builders)
+    (out_dir / "out.onnx").write_bytes(b"old output")
+    parsed = []
+    real = onnx.load_model
+    monkeypatch.setattr(onnx, "load_model", lambda path, *args, **kwargs: parsed.append(path) or real(path, *args, **kwargs))
+    result = run_cli(["convert", src, "-o", out_dir / "out.onnx", "--force", "--no-verify"])
+    assert result.code == 0, result.stderr
+    assert Path(src) not in [Path(p) for p in parsed]
+    # The same call with an OUT whose name the input does contain is parsed, and refused.
+    with_data = _with_external(src_dir, builders, data=b"full")
+    run_cli(["convert", with_data, "-o", src_dir / "w.bin", "--force"]).assert_one_line_error(2)
+    assert Path(with_data) in [Path(p) for p in parsed]
+
+
 def test_convert_refuses_existing_output_without_force(builders, folders, run_cli, snapshot):
     src_dir, out_dir = folders
     src = _good_model(src_dir, builders)
