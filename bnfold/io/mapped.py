@@ -166,6 +166,8 @@ class MappedModel:
     _scratch: tuple[str, Path, int] | None = None  # (location, path, fd)
     _scratch_size: int = 0
     _maps: list[_Source] = field(default_factory=list)  # the sources mapped so far (`release`)
+    _token: str = field(default_factory=lambda: secrets.token_hex(8))  # names its deferred tensors
+    _deferred: int = 0
 
     # ---- reading ---------------------------------------------------------------------------
     def span(self, tensor: onnx.TensorProto) -> tuple[_Source, int, int] | None:
@@ -231,7 +233,8 @@ class MappedModel:
 
     def defer(self, tensor: onnx.TensorProto, deferred: Any) -> None:
         """Make ``tensor`` refer to a folded weight computed only when it is read or written."""
-        location = f"{_DEFERRED_PREFIX}{secrets.token_hex(8)}>"
+        self._deferred += 1
+        location = f"{_DEFERRED_PREFIX}{self._token}-{self._deferred}>"
         self._sources[location] = _Source(fd=-1, size=deferred.nbytes, map=None, deferred=deferred)
         tensor.ClearField("raw_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL
