@@ -60,6 +60,11 @@ def _without_root(model) -> None:
 
 
 def _serialized(model) -> bytes | None:
+    # Tensors an open model keeps out of protobuf (memory-mapped, held arrays, deferred folds)
+    # refer to locations named at random: fingerprint their bytes instead, as they will be written.
+    from bnfold.io.writing import _inlined
+
+    model = _inlined(model)
     try:
         data = model.SerializeToString(deterministic=True)
     except Exception:  # noqa: BLE001 - over 2 GiB or invalid UTF-8: not fingerprinted

@@ -263,11 +263,11 @@ class MappedModel:
 
     def _mapped(self, source: _Source) -> _Source:
         if source.map is None and source.size:
-            if source.own:
+            if source.own and hasattr(mmap, "MAP_POPULATE"):
                 # The model file (under 2 GiB): its pages are in the page cache, having just been
                 # parsed, and the writer reads the unchanged ones again. Mapping them in one call
-                # costs far less than a page fault per page, and `release` leaves them mapped.
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                # (Linux) costs less than a page fault per page; `release` leaves them mapped.
+                flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
                 source.map = mmap.mmap(source.fd, source.size, flags=flags, prot=mmap.PROT_READ)
             else:
                 source.map = mmap.mmap(source.fd, source.size, access=mmap.ACCESS_READ)
