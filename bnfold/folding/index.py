@@ -143,7 +143,9 @@ class GraphIndex:
         assert body is not None
         self.nodes: list[onnx.NodeProto] = list(body.node)
         self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        # Who reads each value: built on first use (`consumers`), then kept up to date by every
+        # edit. A check that only reads constants (`bnfold.diagnosis.preflight`) never builds it.
+        self._consumers: dict[str, list[onnx.NodeProto]] | None = None
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.types: dict[str, onnx.TypeProto] = {}
         if graph is not None:
@@ -187,9 +189,22 @@ class GraphIndex:
             self._uses[node] = used
         return used
 
+    @property
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        """``consumers[name]``: every node reading ``name`` (rule 2 of the module docstring)."""
+        if self._consumers is None:
+            if self.changed:
+                raise AssertionError("consumers must be built before the first edit")
+            self._consumers = {}
+            for node in self.nodes:
+                for name in self._uses_of(node):
+                    self._consumers.setdefault(name, []).append(node)
+        return self._consumers
+
     def _link(self, node: onnx.NodeProto) -> None:
-        for name in self._uses_of(node):
-            self.consumers.setdefault(name, []).append(node)
+        if self._consumers is not None:
+            for name in self._uses_of(node):
+                self._consumers.setdefault(name, []).append(node)
         for name in node.output:
             if name:
                 self.producer[name] = node
@@ -315,6 +330,7 @@ class GraphIndex:
     # ---- applying rewrites --------------------------------------------------------------
     def apply(self, rewrite: Rewrite) -> None:
         """Apply ``rewrite``: update this index and queue the graph edits for `commit`."""
+        self.consumers  # noqa: B018 - built from the graph as it is, before this edit
         self.changed = True
         new_nodes: list[onnx.NodeProto] = []
         for node in rewrite.remove:
