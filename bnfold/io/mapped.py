@@ -56,7 +56,6 @@ __all__ = [
     "defers",
     "deferred",
     "external_array",
-    "held",
     "open_model",
     "release",
     "spill",
@@ -385,12 +384,6 @@ def spill(tensor: onnx.TensorProto, array: np.ndarray) -> bool:
     if array.nbytes < SPILL_MIN_BYTES:
         return False
     return store.spill(tensor, array)
-
-
-def held(tensor: onnx.TensorProto) -> Held | None:
-    """The `Held` array that ``tensor`` refers to in the open model, else None."""
-    found = deferred(tensor)
-    return found if isinstance(found, Held) else None
 
 
 @contextlib.contextmanager

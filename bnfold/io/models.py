@@ -13,9 +13,11 @@ Rules of `load_model`:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -67,43 +69,50 @@ def load_model_mapped(path: str | os.PathLike, *, check: bool = True,
     the file is among the returned sources under that name. Parsing then copies no weight, and
     the checker sees each such tensor through a one-element stand-in (`_check_in_place`).
     """
-    path = Path(path)
-    if in_place is not None:
-        found = _load_in_place(path, check=check, location=in_place)
-        if found is not None:
-            return found
-    return _load(path, check=check, mapped=True)
+    return _load(Path(path), check=check, mapped=True, in_place=in_place)
 
 
-def _load(path: Path, *, check: bool, mapped: bool) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
-    try:
-        model, raw = _parse(path)
-    except BnfoldError:
-        hint = foreign_format_hint(path)  # a model of another framework: name the converter
-        if hint is None:
+def _load(path: Path, *, check: bool, mapped: bool,
+          in_place: str | None = None) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
+    with contextlib.ExitStack() as stack:
+        lifted = _lift(path, in_place, stack) if in_place is not None else None
+        if lifted is not None:
+            model, raw = lifted.model, None
+        else:
+            try:
+                model, raw = _parse(path)
+            except BnfoldError:
+                hint = foreign_format_hint(path)  # a model of another framework: name the converter
+                if hint is None:
+                    raise
+                raise BnfoldError(hint) from None
+        _check_versions(model, path)
+        if mapped:
+            sources = map_external_data(model, path, skip=in_place)
+            external = bool(sources)  # every external tensor's file is opened: no second scan of the tensors
+        else:
+            sources = {}
+            external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(model))
+            load_external_data(model, path)
+        try:
+            if check:
+                _check_names(model, path)
+                if lifted is not None and not external:
+                    _check_in_place(model, lifted.spans, lifted.view, path)
+                else:
+                    # Without external data the file's bytes are the model: the checker parses them
+                    # itself, which spares serializing the whole model again (that costs more than
+                    # the check). Data left on disk is checked by the checker from the file (it
+                    # resolves locations against the model's folder, after bnfold.io.external
+                    # validated them).
+                    _run_checker(raw if not external else (path if mapped else model), path)
+        except BaseException:
+            for fd, _ in sources.values():
+                os.close(fd)
             raise
-        raise BnfoldError(hint) from None
-    _check_versions(model, path)
-    if mapped:
-        sources = map_external_data(model, path)
-        external = bool(sources)  # every external tensor's file is opened: no second scan of the tensors
-    else:
-        sources = {}
-        external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in all_tensors(model))
-        load_external_data(model, path)
-    try:
-        if check:
-            _check_names(model, path)
-            # Without external data the file's bytes are the model: the checker parses them itself,
-            # which spares serializing the whole model again (that costs more than the check).
-            # Data left on disk is checked by the checker from the file (it resolves locations
-            # against the model's folder, after bnfold.io.external validated them).
-            _run_checker(raw if not external else (path if mapped else model), path)
-    except BaseException:
-        for fd, _ in sources.values():
-            os.close(fd)
-        raise
-    return model, sources
+        if lifted is not None:
+            sources[in_place] = (lifted.keep_fd(), lifted.size)
+        return model, sources
 
 
 def _parse(path: Path) -> tuple[onnx.ModelProto, bytes]:
@@ -130,81 +139,67 @@ def _parse(path: Path) -> tuple[onnx.ModelProto, bytes]:
     return model, raw
 
 
-def _load_in_place(path: Path, *, check: bool,
-                   location: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]] | None:
-    """`load_model_mapped`'s ``in_place``; None when the file has nothing to leave in place or is
-    not an ordinary model (`_load` then reads it and words any error)."""
-    try:
-        check_input_file(path)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    except (BnfoldError, OSError):
-        return None
-    sources: dict[str, tuple[int, int]] = {}
-    try:
-        size = os.fstat(fd).st_size
-        if not IN_PLACE_MIN_BYTES <= size <= PROTOBUF_LIMIT:
-            return None
-        try:
-            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):  # a file system that cannot map files: read it whole
-            return None
-        with mapped:
-            view = memoryview(mapped)
-            try:
-                model, spans = _lifted(view, path, location)
-                if model is None:
-                    return None
-                _check_versions(model, path)
-                sources = map_external_data(model, path, skip=location)
-                if check:
-                    _check_names(model, path)
-                    if sources:  # data in other files too: the checker reads the file and those
-                        _run_checker(path, path)
-                    else:
-                        _check_in_place(model, spans, view, path)
-            finally:
-                view.release()
-        sources[location] = (fd, size)
-        return model, sources
-    finally:
-        if location not in sources:
-            for descriptor, _ in sources.values():
-                os.close(descriptor)
-            os.close(fd)
+@dataclass
+class _Lifted:
+    """A model file mapped for `_load`, its large initializers left in it (`_lift`)."""
+
+    model: onnx.ModelProto
+    spans: dict[int, tuple[int, int]]  # initializer position -> (offset, length) in the file
+    view: memoryview
+    fd: int
+    size: int
+
+    def keep_fd(self) -> int:
+        """Hand the descriptor over to the caller (the open model); the map itself is closed."""
+        fd, self.fd = self.fd, -1
+        return fd
 
 
-def _lifted(view: memoryview, path: Path, location: str) -> tuple[onnx.ModelProto | None, dict[int, tuple[int, int]]]:
-    """The model with its large initializers left in ``view`` (`bnfold.io.wire.lift_initializers`)
-    and where each lies; those whose bytes do not match their shape and type exactly are read
-    back into the model (what onnx and the fold say of them is then what they say of the file)."""
+def _lift(path: Path, location: str, stack: contextlib.ExitStack) -> _Lifted | None:
+    """`load_model_mapped`'s ``in_place``: the model file mapped, its large initializers turned
+    into references to ``location`` (`bnfold.io.wire.lift_initializers`); those whose bytes do
+    not match their shape and type exactly are read back into the model (what onnx and the fold
+    say of them is then what they say of the file). None when the file has nothing to leave in
+    place or is not an ordinary model: `_load` then reads it whole and words any error. The map
+    and the descriptor (unless kept) are closed by ``stack``."""
     from bnfold.io.external import expected_nbytes
     from bnfold.io.mapped import HOLD_MIN_BYTES
     from bnfold.io.wire import lift_initializers
 
     try:
-        lifted = lift_initializers(view, HOLD_MIN_BYTES, location)
-    except ValueError:
-        return None, {}
-    if lifted is None:
-        return None, {}
-    light, spans = lifted
-    model = onnx.ModelProto()
+        check_input_file(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except (BnfoldError, OSError):
+        return None
+    opened = _Lifted(onnx.ModelProto(), {}, memoryview(b""), fd, os.fstat(fd).st_size)
+    stack.callback(lambda: opened.fd < 0 or os.close(opened.fd))
+    if not IN_PLACE_MIN_BYTES <= opened.size <= PROTOBUF_LIMIT:
+        return None
     try:
-        model.ParseFromString(light)
-    except Exception:  # the full parse of `_load` gives the error
-        return None, {}
-    if not model.HasField("graph"):
-        return None, {}
-    initializers = model.graph.initializer
-    for position, (offset, length) in list(spans.items()):
+        mapped = stack.enter_context(mmap.mmap(fd, opened.size, access=mmap.ACCESS_READ))
+    except (OSError, ValueError):  # a file system that cannot map files: read it whole
+        return None
+    view = opened.view = stack.enter_context(memoryview(mapped))
+    try:
+        lifted = lift_initializers(view, HOLD_MIN_BYTES, location)
+        if lifted is None:
+            return None
+        light, opened.spans = lifted
+        opened.model.ParseFromString(light)
+    except Exception:  # malformed: the full parse of `_load` gives the error
+        return None
+    if not opened.model.HasField("graph"):
+        return None
+    initializers = opened.model.graph.initializer
+    for position, (offset, length) in list(opened.spans.items()):
         tensor = initializers[position]
         if tensor.data_type != onnx.TensorProto.STRING and expected_nbytes(tensor) == length:
             continue
         tensor.raw_data = view[offset:offset + length].tobytes()
         tensor.ClearField("data_location")
         del tensor.external_data[:]
-        del spans[position]
-    return model, spans
+        del opened.spans[position]
+    return opened
 
 
 def _check_in_place(model: onnx.ModelProto, spans: dict[int, tuple[int, int]], view: memoryview, path: Path) -> None:
