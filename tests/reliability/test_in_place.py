@@ -289,3 +289,30 @@ def test_output_over_the_protobuf_limit_goes_to_external_data(tmp_path, small, m
     got = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for a, b in zip(want, got):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "interrupt"])
+def test_failure_while_writing_pieces_keeps_the_previous_output(tmp_path, small, spy, monkeypatch, failure):
+    """The spliced writer writes through the same atomic replacement: a failure half-way leaves
+    the previous OUT as it was and no temporary file."""
+    src = tmp_path / "in.onnx"
+    onnx.save(_model(np.random.default_rng(9)), str(src))
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous output")
+    before = src.read_bytes()
+    real, calls = os.writev, []
+
+    def failing(fd, buffers):
+        calls.append(len(buffers))
+        if len(calls) == 1:
+            real(fd, [bytes(buffers[0][:10])])  # some bytes land first
+        raise failure
+
+    monkeypatch.setattr(os, "writev", failing)
+    expected = BnfoldError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected):
+        convert(src, out, force=True, verify=False)
+    assert spy["pieces"] == 1 and calls
+    assert out.read_bytes() == b"previous output" and src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx"]
